@@ -1,0 +1,1 @@
+"""The OpenAI wire format as msgspec Structs.  Imports neither litestar nor torch."""

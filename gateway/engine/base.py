@@ -1,0 +1,116 @@
+"""The engine boundary: what serving hands an engine and what comes back.
+
+Messages (or a prompt) + sampling + an optional adapter name go in; a stream of per-choice deltas comes out.
+Routes and serving code know only these types, so a remote backend (vLLM over HTTP) can sit behind the same
+Protocol later without touching them.  No torch here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+__all__ = [
+    "ChatMessage",
+    "ChoiceDelta",
+    "Engine",
+    "EngineStats",
+    "GenerationRequest",
+    "GenerationStream",
+    "SamplingParams",
+    "TokenLogprob",
+]
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None  # None: the engine's default, bounded by the context left
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    logprobs: bool = False
+    top_logprobs: int = 0
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    request_id: str
+    model: str  # a base model name; the engine serves one base model
+    messages: tuple[ChatMessage, ...] | None = None  # chat: rendered with the model's chat template
+    prompt: str | None = None  # legacy completions: used as is
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    n: int = 1
+    adapter: str | None = None
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    index: int
+    text: str
+    token_count: int
+    logprobs: list[TokenLogprob] | None = None
+    finish_reason: FinishReason | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    running: int
+    queued: int
+    adapters: int
+    max_running: int
+    max_queued: int
+
+
+class GenerationStream(Protocol):
+    """One accepted request.  Iterate for deltas; `aclose()` aborts it and frees its slots."""
+
+    prompt_tokens: int
+
+    def __aiter__(self) -> AsyncIterator[ChoiceDelta]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Engine(Protocol):
+    model_name: str
+    max_model_len: int
+
+    async def submit(self, request: GenerationRequest) -> GenerationStream:
+        """Validate, tokenize and queue a request.  Raises InvalidRequest / ContextLengthExceeded /
+        RateLimited (queue full) / EngineUnavailable before anything is streamed."""
+        ...
+
+    def add_adapter(self, name: str, path: Path) -> None: ...
+
+    def remove_adapter(self, name: str) -> None: ...
+
+    def has_adapter(self, name: str) -> bool: ...
+
+    def stats(self) -> EngineStats: ...
+
+    def is_ready(self) -> bool: ...
+
+    def start(self) -> None: ...
+
+    def shutdown(self) -> None: ...

@@ -1,0 +1,302 @@
+"""The model forward pass the engine runs: decoder-only Llama-family models over a slot KV cache.
+
+Why not `model.generate`: it decodes one batch that starts and ends together, and its per-step machinery
+(logits processors, cache objects, stopping criteria) costs as much as the matmuls for a small model on a CPU.
+This runner reads the weights of a loaded transformers model once, fuses q/k/v and gate/up into single
+matmuls, and runs one *step* over a mix of
+
+  - decode rows: one new token for each running sequence (attending to its slot in the KV cache), and
+  - prefill segments: a chunk of prompt tokens for sequences that just joined,
+
+so a joining request's prompt rides along the same weight reads as the running batch (continuous batching
+with chunked prefill).  Each row may carry its own LoRA adapter; deltas are applied per adapter group.
+
+Supported: LlamaForCausalLM and its relatives (Mistral, Qwen2 with qkv bias, Qwen3 with q/k norms).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F  # noqa: N812
+
+from gateway.engine.lora import LoraAdapter
+
+__all__ = ["SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillSegment", "StepBatch", "UnsupportedModel"]
+
+SUPPORTED_ARCHITECTURES = frozenset(
+    {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"}
+)
+
+
+class UnsupportedModel(ValueError):
+    pass
+
+
+@dataclass
+class PrefillSegment:
+    slot: int
+    start: int  # position of the first token (0 unless the prompt is prefilled in chunks)
+    token_ids: list[int]
+    adapter: LoraAdapter | None = None
+    wants_logits: bool = True  # only the last chunk of a prompt needs next-token logits
+
+
+@dataclass
+class StepBatch:
+    decode_slots: list[int] = field(default_factory=list)
+    decode_tokens: list[int] = field(default_factory=list)
+    decode_positions: list[int] = field(default_factory=list)
+    decode_adapters: list[LoraAdapter | None] = field(default_factory=list)
+    prefills: list[PrefillSegment] = field(default_factory=list)
+
+
+@dataclass
+class _Layer:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    o: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+class ModelRunner:
+    """Owns the weights and the KV cache.  Not thread-safe: one engine thread calls it."""
+
+    def __init__(
+        self, model: torch.nn.Module, *, max_slots: int, max_model_len: int, dtype: torch.dtype | None = None
+    ) -> None:
+        config = model.config
+        arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+        if type(model).__name__ not in SUPPORTED_ARCHITECTURES and arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModel(f"architecture {arch} is not supported by the local engine")
+        self.config = config
+        # Weights and KV cache in `dtype` (bf16 halves the bytes each decode step reads; norms, rotary and
+        # the residual stream stay fp32 for accuracy).
+        self.dtype = dtype or next(model.parameters()).dtype
+        self.device = next(model.parameters()).device
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
+        self.eps = config.rms_norm_eps
+        self.vocab_size = config.vocab_size
+        self.max_slots = max_slots
+        self.max_model_len = max_model_len
+        inner = model.model
+        self.rotary = inner.rotary_emb
+        self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
+        self.final_norm = inner.norm.weight.detach().float()
+        tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
+        self.lm_head = self.embed if tied else model.lm_head.weight.detach().to(self.dtype)
+        self.layers = [self._fuse(layer, self.dtype) for layer in inner.layers]
+        self.q_size = self.n_heads * self.head_dim
+        self.kv_size = self.n_kv_heads * self.head_dim
+        self.capacity = 0
+        self.k_cache: list[torch.Tensor] = []
+        self.v_cache: list[torch.Tensor] = []
+        self._grow(min(256, max_model_len))
+
+    @staticmethod
+    def _fuse(layer: torch.nn.Module, dtype: torch.dtype) -> _Layer:
+        attn, mlp = layer.self_attn, layer.mlp
+        bias = None
+        if attn.q_proj.bias is not None:
+            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().to(dtype)
+        return _Layer(
+            input_norm=layer.input_layernorm.weight.detach().float(),
+            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(dtype),
+            qkv_bias=bias,
+            o=attn.o_proj.weight.detach().to(dtype).contiguous(),
+            post_norm=layer.post_attention_layernorm.weight.detach().float(),
+            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dtype),
+            down=mlp.down_proj.weight.detach().to(dtype).contiguous(),
+            q_norm=attn.q_norm.weight.detach().float() if hasattr(attn, "q_norm") else None,
+            k_norm=attn.k_norm.weight.detach().float() if hasattr(attn, "k_norm") else None,
+        )
+
+    # -- KV cache ------------------------------------------------------------------------------------
+
+    def _grow(self, capacity: int) -> None:
+        capacity = min(max(capacity, self.capacity), self.max_model_len)
+        if capacity == self.capacity:
+            return
+        shape = (self.max_slots, self.n_kv_heads, capacity, self.head_dim)
+        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        if self.capacity:
+            for old, new in zip(self.k_cache + self.v_cache, new_k + new_v, strict=True):
+                new[:, :, : self.capacity].copy_(old)
+        self.k_cache, self.v_cache, self.capacity = new_k, new_v, capacity
+
+    def ensure_capacity(self, length: int) -> None:
+        if length > self.capacity:
+            target = self.capacity
+            while target < length:
+                target *= 2
+            self._grow(target)
+
+    def move_slot(self, src: int, dst: int, length: int) -> None:
+        """Copy a sequence's cache to another slot (the engine keeps running slots dense)."""
+        for cache in self.k_cache + self.v_cache:
+            cache[dst, :, :length].copy_(cache[src, :, :length])
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """Run one forward; returns next-token logits, decode rows first, then one row per prefill
+        segment that wants logits."""
+        n_dec = len(batch.decode_slots)
+        token_ids = list(batch.decode_tokens)
+        positions = list(batch.decode_positions)
+        adapters: list[LoraAdapter | None] = list(batch.decode_adapters)
+        for seg in batch.prefills:
+            token_ids.extend(seg.token_ids)
+            positions.extend(range(seg.start, seg.start + len(seg.token_ids)))
+            adapters.extend([seg.adapter] * len(seg.token_ids))
+        longest = max([p + 1 for p in positions], default=0)
+        self.ensure_capacity(longest)
+
+        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        x = self.embed[ids].float()  # the residual stream stays fp32; weights and KV cache may be bf16
+        cos, sin = self.rotary(x, pos.unsqueeze(0))
+        cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, hd]
+        groups = _adapter_groups(adapters)
+        dec_slots = torch.tensor(batch.decode_slots, dtype=torch.long, device=self.device)
+        dec_pos = pos[:n_dec]
+        dec_mask = self._decode_mask(dec_pos) if n_dec else None
+
+        for index, layer in enumerate(self.layers):
+            h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps).to(self.dtype)
+            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            if groups:
+                _apply_lora(qkv, h, groups, index, ("q_proj", "k_proj", "v_proj"),
+                            (self.q_size, self.kv_size, self.kv_size))
+            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+            q = q.reshape(-1, self.n_heads, self.head_dim).float()
+            k = k.reshape(-1, self.n_kv_heads, self.head_dim).float()
+            v = v.reshape(-1, self.n_kv_heads, self.head_dim)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = F.rms_norm(q, (self.head_dim,), layer.q_norm, self.eps)
+                k = F.rms_norm(k, (self.head_dim,), layer.k_norm, self.eps)
+            q, k = _rope(q, cos, sin).to(self.dtype), _rope(k, cos, sin).to(self.dtype)
+            attn = torch.empty_like(q)
+            k_cache, v_cache = self.k_cache[index], self.v_cache[index]
+            if n_dec:
+                k_cache[dec_slots, :, dec_pos] = k[:n_dec]
+                v_cache[dec_slots, :, dec_pos] = v[:n_dec]
+                attn[:n_dec] = self._decode_attention(q[:n_dec], k_cache, v_cache, dec_slots, dec_mask)
+            offset = n_dec
+            for seg in batch.prefills:
+                end = offset + len(seg.token_ids)
+                stop = seg.start + len(seg.token_ids)
+                k_cache[seg.slot, :, seg.start : stop] = k[offset:end].transpose(0, 1)
+                v_cache[seg.slot, :, seg.start : stop] = v[offset:end].transpose(0, 1)
+                attn[offset:end] = self._prefill_attention(q[offset:end], k_cache, v_cache, seg.slot, seg.start, stop)
+                offset = end
+            attn_flat = attn.view(-1, self.q_size)
+            out = F.linear(attn_flat, layer.o)
+            if groups:
+                _apply_lora(out, attn_flat, groups, index, ("o_proj",), (out.shape[-1],))
+            x = x + out.float()
+            h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps).to(self.dtype)
+            gate_up = F.linear(h, layer.gate_up)
+            inter = layer.down.shape[1]
+            if groups:
+                _apply_lora(gate_up, h, groups, index, ("gate_proj", "up_proj"), (inter, inter))
+            gate, up = gate_up.split((inter, inter), dim=-1)
+            act = F.silu(gate) * up
+            down = F.linear(act, layer.down)
+            if groups:
+                _apply_lora(down, act, groups, index, ("down_proj",), (down.shape[-1],))
+            x = x + down.float()
+
+        rows = list(range(n_dec))
+        offset = n_dec
+        for seg in batch.prefills:
+            offset += len(seg.token_ids)
+            if seg.wants_logits:
+                rows.append(offset - 1)
+        last = x[rows] if len(rows) != x.shape[0] else x
+        last = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.eps).to(self.dtype)
+        return F.linear(last, self.lm_head).float()
+
+    def _decode_mask(self, dec_pos: torch.Tensor) -> torch.Tensor:
+        length = int(dec_pos.max()) + 1
+        keys = torch.arange(length, device=self.device)
+        allowed = keys.unsqueeze(0) <= dec_pos.unsqueeze(1)  # [B, L]
+        return allowed[:, None, None, :]
+
+    def _decode_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+    ) -> torch.Tensor:
+        length = mask.shape[-1]
+        n = q.shape[0]
+        dense = bool(n == int(slots[-1]) + 1 and int(slots[0]) == 0)
+        if dense:  # running slots are kept dense, so this is a view, not a copy
+            keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]
+        else:
+            keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2), keys, values, attn_mask=mask, enable_gqa=self.n_kv_heads != self.n_heads
+        )
+        return out.squeeze(2)
+
+    def _prefill_attention(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot: int, start: int, stop: int
+    ) -> torch.Tensor:
+        keys = k_cache[slot : slot + 1, :, :stop]
+        values = v_cache[slot : slot + 1, :, :stop]
+        query = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
+        gqa = self.n_kv_heads != self.n_heads
+        if start == 0:
+            out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
+        else:
+            rows = torch.arange(start, stop, device=self.device).unsqueeze(1)
+            mask = torch.arange(stop, device=self.device).unsqueeze(0) <= rows
+            out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return out[0].transpose(0, 1)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _adapter_groups(adapters: list[LoraAdapter | None]) -> list[tuple[LoraAdapter, torch.Tensor]]:
+    """Row indices per adapter, for the rows that use one."""
+    if not any(a is not None for a in adapters):
+        return []
+    rows: dict[int, tuple[LoraAdapter, list[int]]] = {}
+    for row, adapter in enumerate(adapters):
+        if adapter is not None:
+            rows.setdefault(id(adapter), (adapter, []))[1].append(row)
+    return [(adapter, torch.tensor(idx, dtype=torch.long)) for adapter, idx in rows.values()]
+
+
+def _apply_lora(
+    out: torch.Tensor,
+    inp: torch.Tensor,
+    groups: list[tuple[LoraAdapter, torch.Tensor]],
+    layer: int,
+    modules: tuple[str, ...],
+    sizes: tuple[int, ...],
+) -> None:
+    """out[rows, slice] += scale * (inp[rows] @ A^T) @ B^T for each adapter group, in place."""
+    for adapter, rows in groups:
+        x = inp.index_select(0, rows)
+        offset = 0
+        for name, size in zip(modules, sizes, strict=True):
+            weights = adapter.get(layer, name)
+            if weights is not None:
+                a, b = weights
+                delta = F.linear(F.linear(x, a), b)
+                out[rows, offset : offset + size] += delta
+            offset += size

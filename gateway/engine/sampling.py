@@ -1,0 +1,101 @@
+"""Next-token selection for a batch where every row has its own sampling parameters and random stream.
+
+Greedy rows (temperature 0) take one batched argmax; sampling rows each draw from their own seeded
+`torch.Generator`, so a request's output depends on its seed and input, not on what else shares the batch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from gateway.engine.base import SamplingParams
+
+__all__ = ["SampleResult", "SequenceSampler", "sample_batch"]
+
+
+@dataclass
+class SequenceSampler:
+    """Per-sequence sampling state: parameters, random stream and tokens produced so far (for penalties)."""
+
+    params: SamplingParams
+    generator: torch.Generator = field(init=False)
+    generated: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.generator = torch.Generator()
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)  # noqa: S311
+        self.generator.manual_seed(seed)
+
+    @property
+    def greedy(self) -> bool:
+        return self.params.temperature <= 0.0
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.params.presence_penalty or self.params.frequency_penalty) and bool(self.generated)
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    logprobs: list[float] | None  # chosen-token logprob per row, when any row asked for logprobs
+    top: list[list[tuple[int, float]]] | None
+
+
+def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> SampleResult:
+    """logits: [rows, vocab] fp32, one row per sampler."""
+    raw = logits
+    logits = _apply_penalties(logits, samplers)
+    chosen = torch.empty(len(samplers), dtype=torch.long)
+    greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
+    if greedy_rows:
+        index = torch.tensor(greedy_rows)
+        chosen[index] = logits[index].argmax(dim=-1)
+    for row, sampler in enumerate(samplers):
+        if not sampler.greedy:
+            chosen[row] = _draw(logits[row], sampler)
+    token_ids = chosen.tolist()
+    for sampler, token in zip(samplers, token_ids, strict=True):
+        sampler.generated.append(token)
+
+    if not any(s.params.logprobs for s in samplers):
+        return SampleResult(token_ids, None, None)
+    log_probs = torch.log_softmax(raw, dim=-1)
+    picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    k = max(s.params.top_logprobs for s in samplers)
+    top: list[list[tuple[int, float]]] = [[] for _ in samplers]
+    if k:
+        values, indices = log_probs.topk(k, dim=-1)
+        for row, sampler in enumerate(samplers):
+            n = sampler.params.top_logprobs
+            top[row] = list(zip(indices[row, :n].tolist(), values[row, :n].tolist(), strict=True))
+    return SampleResult(token_ids, picked, top)
+
+
+def _apply_penalties(logits: torch.Tensor, samplers: list[SequenceSampler]) -> torch.Tensor:
+    rows = [i for i, s in enumerate(samplers) if s.penalised]
+    if not rows:
+        return logits
+    logits = logits.clone()
+    vocab = logits.shape[-1]
+    for row in rows:
+        sampler = samplers[row]
+        counts = torch.bincount(torch.tensor(sampler.generated), minlength=vocab)[:vocab].to(logits.dtype)
+        logits[row] -= sampler.params.frequency_penalty * counts
+        logits[row] -= sampler.params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _draw(logits: torch.Tensor, sampler: SequenceSampler) -> torch.Tensor:
+    probs = torch.softmax(logits / sampler.params.temperature, dim=-1)
+    top_p = sampler.params.top_p
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        # keep the smallest prefix whose mass reaches top_p (always at least the most likely token)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p
+        sorted_probs[outside] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=sampler.generator)[0]
