@@ -1,0 +1,328 @@
+"""The append-only, HMAC-chained audit log (JSON Lines), one record per API request.
+
+Design
+- Each line is one record: the allowed fields below plus `seq` (1, 2, ...), `prev` (the previous record's
+  mac) and `mac` = HMAC-SHA256(key, canonical JSON of the record without mac).  Editing a field, deleting,
+  duplicating or reordering lines breaks a mac, a seq or a prev link (see chain.py, verify.py).
+- Cutting lines off the end leaves a valid chain, so the end is anchored outside the log: `<log>.head` holds
+  the last seq and mac under its own HMAC, replaced atomically after every append.  A log shorter than its
+  head was truncated.  Order on disk: line written + fsync, then head written + fsync + rename; a crash in
+  between leaves the head one record behind, which is recognised (that record's prev is the head's mac) and
+  repaired on open.  A crash mid-line leaves a torn last line: it was never acknowledged, so it is cut off
+  on open, but only after the complete lines agree with the head (cutting a committed line still shows).
+- Limits, stated plainly: the key lives on the same machine, so whoever holds it can rewrite history, and
+  someone who can replace both files with an older copy of both (a rollback) is not caught locally.  Ship
+  the head (or the log) to write-once storage or a remote syslog to close that.
+- Content never enters: records are filtered through an allow-list of keys and scalar types; anything else
+  (a prompt, a file body, a token) is dropped before it reaches the file, and the drop is logged by name.
+- Thread-safe with one lock and group commit: `append` returns once its record is durable, and appends
+  that arrive during an fsync share the next one (throughput grows with load instead of queueing behind
+  one fsync each).  It blocks on fsync, so async callers run it in a worker thread.
+- Opening a log whose end does not verify raises AuditChainBroken: the gateway fails closed rather than
+  extend a chain it cannot vouch for.  Run `gateway audit verify`, keep the files as evidence, move them
+  aside, and the next start begins a new chain.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import structlog
+
+from gateway.audit.chain import (
+    GENESIS,
+    Head,
+    HeadInvalid,
+    canonical_json,
+    head_path_for,
+    head_problem,
+    read_head,
+    record_mac,
+    write_head,
+)
+from gateway.audit.verify import format_result, verify_chain
+from gateway.private_files import ensure_private_dir
+from gateway.settings import Settings
+
+__all__ = ["OUTCOMES", "RECORD_FIELDS", "AuditChainBroken", "AuditLog", "open_audit_log", "sanitize_record"]
+
+log = structlog.get_logger(__name__)
+
+# The only keys a record may hold, with their types.  Never add one that can carry content.
+RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "time": str,
+    "request_id": str,
+    "subject": str,
+    "tenant": str,
+    "client": str,
+    "method": str,
+    "route": str,
+    "action": str,
+    "resource_id": str,
+    "status": int,
+    "outcome": str,
+    "duration_ms": (int, float),
+    "prompt_tokens": int,
+    "completion_tokens": int,
+}
+OUTCOMES = frozenset({"allowed", "denied", "error"})
+MAX_TEXT_CHARS = 256
+MIN_KEY_BYTES = 16
+MAX_PAGE = 1000
+MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
+
+
+class AuditChainBroken(RuntimeError):
+    """The existing log does not verify at its end; the gateway will not extend it."""
+
+
+def _now_rfc3339() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def sanitize_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep allow-listed keys with scalar values of the right type; drop (and name) everything else."""
+    clean: dict[str, Any] = {}
+    dropped: list[str] = []
+    for name, value in record.items():
+        kind = RECORD_FIELDS.get(name)
+        if kind is None or isinstance(value, bool) or not (value is None or isinstance(value, kind)):
+            dropped.append(str(name)[:40])
+            continue
+        if name == "outcome" and value not in OUTCOMES:
+            dropped.append(name)
+            continue
+        if isinstance(value, str):
+            value = value[:MAX_TEXT_CHARS]
+        elif isinstance(value, float):
+            value = round(value, 3) if value == value and abs(value) != float("inf") else None
+        clean[name] = value
+    if dropped:
+        log.warning("audit.fields_dropped", fields=sorted(dropped))
+    clean.setdefault("time", _now_rfc3339())
+    return clean
+
+
+def _last_complete_line(fd: int, size: int, block: int = 65536) -> tuple[bytes | None, int]:
+    """(the last newline-terminated line without its newline, or None; the offset just past it)."""
+    start = size
+    while start > 0 and size - start < MAX_TAIL_SCAN:
+        start = max(0, start - block)
+        buf = os.pread(fd, size - start, start)
+        end = buf.rfind(b"\n")
+        if end < 0:
+            continue
+        begin = buf.rfind(b"\n", 0, end) + 1
+        if begin > 0 or start == 0:
+            return buf[begin:end], start + end + 1
+    if start > 0:
+        raise AuditChainBroken("the audit log ends in an over-long line")
+    return None, 0
+
+
+def _verified_record(line: bytes, key: bytes) -> dict[str, Any] | None:
+    """The record on `line` if it parses and its mac verifies, else None."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
+        return None
+    mac, prev = record.get("mac"), record.get("prev")
+    if not isinstance(mac, str) or not isinstance(prev, str):
+        return None
+    return record if hmac.compare_digest(mac, record_mac(key, record)) else None
+
+
+@dataclass
+class _Pending:
+    record: dict[str, Any]
+    line: bytes
+    done: bool = False
+    error: OSError | None = None
+
+
+class AuditLog:
+    """Append-only audit log at `path`, chained with `key` (kept apart from the log, >= 16 bytes)."""
+
+    def __init__(self, path: Path | str, key: bytes) -> None:
+        if len(key) < MIN_KEY_BYTES:
+            raise ValueError(f"the audit key must be at least {MIN_KEY_BYTES} bytes")
+        self.path = Path(path)
+        self.head_path = head_path_for(self.path)
+        self._key = key
+        self._cond = threading.Condition()
+        self._queue: list[_Pending] = []  # chained but not yet on disk
+        self._flushing = False
+        ensure_private_dir(self.path.parent)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(self._fd, 0o600)
+            self._seq, self._last_mac, self._size = self._recover()
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._durable = (self._seq, self._last_mac)
+        self._closed = False
+        self._broken = False
+
+    @property
+    def last_seq(self) -> int:
+        return self._seq
+
+    def _recover(self) -> tuple[int, str, int]:
+        try:
+            head = read_head(self.head_path, self._key)
+        except HeadInvalid as exc:
+            raise AuditChainBroken(f"{self.head_path}: {exc}") from None
+        size = os.fstat(self._fd).st_size
+        line, complete_end = _last_complete_line(self._fd, size)
+        last = _verified_record(line, self._key) if line is not None else None
+        last_seq, last_mac = (last["seq"], last["mac"]) if last else (0, GENESIS)
+        known = {last_seq: last_mac, last_seq - 1: last["prev"]} if last else {}
+        if (line is not None and last is None) or head_problem(
+            head, last_seq, known.get(head.seq) if head else None
+        ):
+            # The quick look at the end failed (or could not decide): walk the whole chain for the verdict.
+            result = verify_chain(self.path, self._key, head_path=self.head_path)
+            if not result.ok:
+                raise AuditChainBroken(f"{self.path}: {format_result(result)}")
+        if complete_end < size:
+            # A torn line from a crash mid-write; it was never acknowledged to anyone.
+            log.warning("audit.torn_tail_removed", bytes=size - complete_end)
+            os.ftruncate(self._fd, complete_end)
+            os.fsync(self._fd)
+        if last_seq:
+            write_head(self.head_path, self._key, Head(last_seq, last_mac))
+        return last_seq, last_mac, complete_end
+
+    def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
+        """Sanitise, chain and durably write one record; returns it as written (with seq, prev, mac).
+
+        Group commit: callers arriving while a flush is under way queue their lines; the next one to find
+        no flush running writes them all with one fsync and one head update.  Order is fixed when the mac
+        is computed (under the lock), so the file order always equals the chain order.
+        """
+        clean = sanitize_record(record)
+        with self._cond:
+            if self._closed or self._broken:
+                raise RuntimeError("the audit log is closed or failed; restart to recover")
+            full = {**clean, "seq": self._seq + 1, "prev": self._last_mac}
+            full["mac"] = record_mac(self._key, full)
+            self._seq, self._last_mac = full["seq"], full["mac"]
+            mine = _Pending(full, canonical_json(full) + b"\n")
+            self._queue.append(mine)
+            while not mine.done:
+                if self._flushing:
+                    self._cond.wait()
+                else:
+                    self._flush_locked()
+        if mine.error is not None:
+            raise OSError(f"audit record not written: {mine.error}") from mine.error
+        return full
+
+    def _flush_locked(self) -> None:
+        """Write every queued line; entered and left holding the lock, released during the I/O."""
+        batch, self._queue, self._flushing = self._queue, [], True
+        data = b"".join(pending.line for pending in batch)
+        last = batch[-1].record
+        error: OSError | None = None
+        self._cond.release()
+        try:
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._fd, view) :]
+                os.fsync(self._fd)
+            except OSError as exc:
+                error = exc
+                self._undo_partial_write()
+            else:
+                try:
+                    write_head(self.head_path, self._key, Head(last["seq"], last["mac"]))
+                except OSError:
+                    # The records are durable; a head one batch behind is recognised on open and by verify.
+                    log.error("audit.head_write_failed")
+        finally:
+            self._cond.acquire()
+        if error is None:
+            self._size += len(data)
+            self._durable = (last["seq"], last["mac"])
+            for pending in batch:
+                pending.done = True
+        else:
+            # Everything queued since chained onto the lost batch: fail it too and rewind the chain.
+            for pending in (*batch, *self._queue):
+                pending.done, pending.error = True, error
+            self._queue = []
+            self._seq, self._last_mac = self._durable
+        self._flushing = False
+        self._cond.notify_all()
+
+    def _undo_partial_write(self) -> None:
+        # Leave no torn line in the middle of the chain for the next append to follow.
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError:
+            self._broken = True
+            log.error("audit.write_failed_unrecoverably")
+
+    def read_page(
+        self, after_seq: int = 0, limit: int = 100, tenant: str | None = None
+    ) -> list[dict[str, Any]]:
+        """Records with seq > after_seq (optionally one tenant's), oldest first, at most `limit` (<= 1000)."""
+        limit = max(1, min(limit, MAX_PAGE))
+        page: list[dict[str, Any]] = []
+        with open(self.path, "rb") as fh:
+            for raw in fh:
+                if not raw.endswith(b"\n"):
+                    break  # an append in progress
+                record = json.loads(raw)
+                if record.get("seq", 0) <= after_seq or (
+                    tenant is not None and record.get("tenant") != tenant
+                ):
+                    continue
+                page.append(record)
+                if len(page) >= limit:
+                    break
+        return page
+
+    def close(self) -> None:
+        with self._cond:
+            while self._flushing or self._queue:
+                self._cond.wait()
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+    def __enter__(self) -> AuditLog:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def read_key(path: Path) -> bytes:
+    key = path.read_bytes()
+    if len(key) < MIN_KEY_BYTES:
+        raise ValueError(f"{path}: the audit key must be at least {MIN_KEY_BYTES} bytes")
+    return key
+
+
+def open_audit_log(settings: Settings) -> AuditLog:
+    """The log at <data_dir>/<audit.path> with the key from audit.key_file (see ensure_dev_keys)."""
+    path = Path(settings.audit.path)
+    if not path.is_absolute():
+        path = settings.data_path / path
+    return AuditLog(path, read_key(settings.key_path(settings.audit.key_file, "audit.key")))

@@ -1,0 +1,80 @@
+"""`gateway audit verify`: walk the whole chain and name the first line that was altered, removed,
+reordered or cut off.  Reads only; safe to run while the gateway is writing."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.audit.chain import GENESIS, HeadInvalid, head_path_for, head_problem, read_head, record_mac
+
+__all__ = ["VerifyResult", "format_result", "verify_chain"]
+
+
+@dataclass(frozen=True)
+class VerifyResult:
+    ok: bool
+    records: int  # records verified before the first problem (all of them when ok)
+    first_bad_line: int | None  # 1-based; None when the problem is not a line (e.g. the head file)
+    reason: str
+
+
+def _line_problem(raw: bytes, line_no: int, key: bytes, count: int, last_mac: str) -> str | None:
+    """Why line `line_no` does not continue a chain of `count` verified records ending in `last_mac`."""
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        return f"line {line_no} is not valid JSON"
+    shape = (("seq", int), ("prev", str), ("mac", str))
+    if not isinstance(record, dict) or not all(isinstance(record.get(name), kind) for name, kind in shape):
+        return f"line {line_no} is not an audit record"
+    if not hmac.compare_digest(record["mac"], record_mac(key, record)):
+        hint = " (or the key is wrong)" if line_no == 1 else ""
+        return f"line {line_no} was altered: its MAC does not match{hint}"
+    seq, expected = record["seq"], count + 1
+    if seq > expected:
+        return f"line {line_no} holds seq {seq} where seq {expected} belongs: records removed or reordered"
+    if seq < expected:
+        return f"line {line_no} holds seq {seq} after seq {count}: lines reordered or repeated"
+    if record["prev"] != last_mac:
+        return f"line {line_no} does not link to the line before it"
+    return None
+
+
+def verify_chain(path: Path | str, key: bytes, *, head_path: Path | None = None) -> VerifyResult:
+    path = Path(path)
+    try:
+        head = read_head(head_path or head_path_for(path), key)
+    except HeadInvalid as exc:
+        return VerifyResult(False, 0, None, str(exc))
+    count, last_mac, torn = 0, GENESIS, False
+    mac_at_head_seq: str | None = None
+    try:
+        with open(path, "rb") as lines:
+            for line_no, raw in enumerate(lines, start=1):
+                if not raw.endswith(b"\n"):
+                    torn = True  # judged below: harmless only if the head does not count it
+                    break
+                problem = _line_problem(raw, line_no, key, count, last_mac)
+                if problem:
+                    return VerifyResult(False, count, line_no, problem)
+                count, last_mac = count + 1, json.loads(raw)["mac"]
+                if head is not None and count == head.seq:
+                    mac_at_head_seq = last_mac
+    except FileNotFoundError:
+        pass  # no log yet: an empty chain, which the head must agree with
+    head_issue = head_problem(head, count, mac_at_head_seq)
+    if head_issue:
+        return VerifyResult(False, count, head_issue[1], head_issue[0])
+    note = "; an incomplete last line left by a crash is ignored (removed on next start)" if torn else ""
+    return VerifyResult(True, count, None, f"{count} record(s), chain intact{note}")
+
+
+def format_result(result: VerifyResult, path: Path | str | None = None) -> str:
+    where = f"{path}: " if path else ""
+    if result.ok:
+        return f"OK {where}{result.reason}"
+    line = f", first bad line {result.first_bad_line}" if result.first_bad_line is not None else ""
+    return f"TAMPERED {where}{result.reason} ({result.records} record(s) verified{line})"
