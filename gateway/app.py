@@ -1,0 +1,128 @@
+"""create_app(settings) -> the ASGI application: Litestar routes inside the audit wrapper.
+
+The lifespan builds, in order: the private data dir, the token verifier, the audit log, the model registry
+with one engine per base model (started in the background, so /healthz answers while the model loads and
+/readyz turns 200 when it is in), and the services the routes use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import structlog
+from litestar import Litestar
+from litestar.config.app import AppConfig
+from litestar.datastructures import State
+from litestar.di import Provide
+from litestar.types import ASGIApp
+
+from gateway.audit.log import open_audit_log
+from gateway.audit.middleware import AuditMiddleware
+from gateway.auth.guards import authorize
+from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
+from gateway.auth.tokens import TokenVerifier
+from gateway.datadir import ensure_private_dir
+from gateway.engine.base import Engine
+from gateway.routes.chat import ChatController
+from gateway.routes.errors import EXCEPTION_HANDLERS
+from gateway.routes.health import healthz, readyz
+from gateway.routes.models import ModelsController
+from gateway.serving.chat import ChatService
+from gateway.serving.registry import ModelRegistry
+from gateway.settings import Settings
+
+__all__ = ["build_engine", "create_app"]
+
+log = structlog.get_logger(__name__)
+
+EngineFactory = Callable[[str], Engine]
+
+
+def build_engine(settings: Settings, name: str) -> Engine:
+    """Prepare (convert once if GGUF) and start the local engine for base model `name`.  Blocking."""
+    from finetune.base_model import base_model_sources, prepare
+    from gateway.engine.local import LocalEngine
+
+    source = base_model_sources(settings)[name]
+    model_dir = prepare(name, source, settings.data_path)
+    engine = LocalEngine(
+        name,
+        model_dir,
+        dtype=settings.models.dtype,
+        max_running=settings.engine.max_running,
+        max_queued=settings.engine.max_queued,
+        max_model_len=settings.models.max_model_len,
+        prefill_token_budget=settings.engine.prefill_token_budget,
+        default_max_tokens=settings.engine.default_max_tokens,
+        max_adapters=settings.engine.max_adapters,
+        threads=settings.engine.threads,
+    )
+    engine.start()
+    return engine
+
+
+def _base_model_names(settings: Settings) -> list[str]:
+    return [settings.models.default, *[n for n in settings.models.base if n != settings.models.default]]
+
+
+def create_app(settings: Settings, *, engines: dict[str, Engine] | None = None,
+               engine_factory: EngineFactory | None = None) -> ASGIApp:
+    """`engines` lets tests inject ready engines; otherwise the default base model's engine is started in
+    the background and other base models start on first use."""
+    data_dir = ensure_private_dir(settings.data_path)
+    factory = engine_factory or (lambda name: build_engine(settings, name))
+    audit_log = open_audit_log(settings)
+    verifier = TokenVerifier.from_settings(settings) if settings.auth.enabled else None
+    registry = ModelRegistry(engines or {}, engine_starter=factory, base_models=_base_model_names(settings))
+    background: set[asyncio.Task[Any]] = set()
+
+    @asynccontextmanager
+    async def lifespan(app: Litestar) -> AsyncIterator[None]:
+        if not engines:
+            task = asyncio.create_task(_start_default(registry, settings.models.default))
+            background.add(task)
+            task.add_done_callback(background.discard)
+        try:
+            yield
+        finally:
+            for engine in registry.engines():
+                await asyncio.to_thread(engine.shutdown)
+            audit_log.close()
+
+    state = State(
+        {
+            "settings": settings,
+            "data_dir": data_dir,
+            "verifier": verifier,
+            "registry": registry,
+            "chat": ChatService(registry, settings.limits),
+            "rate_limiter": RateLimiter(settings.limits.requests_per_minute),
+            "tenant_limiter": ConcurrencyLimiter(settings.limits.tenant_concurrency),
+        }
+    )
+    config = AppConfig(
+        route_handlers=[healthz, readyz, ChatController, ModelsController],
+        guards=[authorize],
+        dependencies={
+            "registry": Provide(lambda: registry, sync_to_thread=False),
+            "chat": Provide(lambda: state["chat"], sync_to_thread=False),
+        },
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=[lifespan],
+        state=state,
+        request_max_body_size=settings.server.max_body_bytes,
+        openapi_config=None,
+        debug=False,
+    )
+    app = Litestar.from_config(config)
+    return AuditMiddleware(app, audit_log)
+
+
+async def _start_default(registry: ModelRegistry, name: str) -> None:
+    try:
+        await registry.start_engine(name)
+    except Exception as exc:  # the service keeps answering /healthz; /readyz and chat report 503
+        log.error("engine.start_failed", model=name, error_type=type(exc).__name__, error=str(exc)[:200])

@@ -1,0 +1,42 @@
+"""POST /v1/chat/completions and POST /v1/completions."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+from litestar import Controller, Request, Response, post
+from litestar.response import Stream
+
+from gateway.protocol.chat import ChatCompletionRequest
+from gateway.protocol.codec import decode_body
+from gateway.protocol.completions import CompletionRequest
+from gateway.routes.context import principal_of, request_id_of, usage_sink
+from gateway.serving.chat import ChatService
+
+__all__ = ["ChatController"]
+
+_SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _respond(result: msgspec.Struct | AsyncIterator[bytes]) -> Response[Any]:
+    if isinstance(result, msgspec.Struct):
+        return Response(msgspec.json.encode(result), media_type="application/json")
+    return Stream(result, media_type="text/event-stream", headers=_SSE_HEADERS)
+
+
+class ChatController(Controller):
+    path = "/v1"
+
+    @post("/chat/completions", status_code=200, opt={"scope": "chat", "action": "chat.completion.create"})
+    async def chat_completions(self, request: Request[Any, Any, Any], chat: ChatService) -> Response[Any]:
+        body = decode_body(await request.body(), ChatCompletionRequest)
+        result = await chat.chat(body, principal_of(request), request_id_of(request), usage_sink(request))
+        return _respond(result)
+
+    @post("/completions", status_code=200, opt={"scope": "chat", "action": "completion.create"})
+    async def completions(self, request: Request[Any, Any, Any], chat: ChatService) -> Response[Any]:
+        body = decode_body(await request.body(), CompletionRequest)
+        result = await chat.complete(body, principal_of(request), request_id_of(request), usage_sink(request))
+        return _respond(result)

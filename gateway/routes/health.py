@@ -1,0 +1,35 @@
+"""GET /healthz (the process answers) and GET /readyz (model loaded, data dir writable).  No token."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from litestar import Request, get
+from litestar.response import Response
+
+from gateway.serving.registry import ModelRegistry
+
+__all__ = ["healthz", "readyz"]
+
+
+@get("/healthz", opt={"public": True, "action": "health.live"}, include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@get("/readyz", opt={"public": True, "action": "health.ready"}, include_in_schema=False)
+async def readyz(request: Request[Any, Any, Any], registry: ModelRegistry) -> Response[dict[str, Any]]:
+    engines = registry.engines()
+    engine_ready = bool(engines) and all(e.is_ready() for e in engines)
+    data_dir = request.app.state["settings"].data_path
+    try:
+        with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".ready-"):
+            pass
+        writable = os.access(data_dir, os.W_OK)
+    except OSError:
+        writable = False
+    ready = engine_ready and writable
+    body = {"status": "ready" if ready else "not_ready", "engine": engine_ready, "data_dir_writable": writable}
+    return Response(body, status_code=200 if ready else 503)
