@@ -59,7 +59,11 @@ class ModelSettings:
         {},
         "Extra base models: name -> local transformers directory or GGUF file. Never downloaded.",
     )
-    dtype: str = _f("float32", "Engine weight dtype: float32 (fast on CPUs) or bfloat16 (GPUs).")
+    dtype: str = _f(
+        "auto",
+        "Engine weight/KV-cache dtype: auto (bfloat16 on GPUs and CPUs with AVX512-BF16/AMX, else float32), "
+        "float32, bfloat16 or float16.",
+    )
     max_model_len: int = _f(2048, "Longest prompt + completion the engine holds for one sequence.")
 
 
