@@ -53,7 +53,15 @@ from gateway.audit.verify import format_result, verify_chain
 from gateway.private_files import ensure_private_dir
 from gateway.settings import Settings
 
-__all__ = ["OUTCOMES", "RECORD_FIELDS", "AuditChainBroken", "AuditLog", "open_audit_log", "sanitize_record"]
+__all__ = [
+    "OUTCOMES",
+    "RECORD_FIELDS",
+    "AuditChainBroken",
+    "AuditLog",
+    "open_audit_log",
+    "read_key",
+    "sanitize_record",
+]
 
 log = structlog.get_logger(__name__)
 

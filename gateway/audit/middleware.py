@@ -1,0 +1,154 @@
+"""AuditMiddleware: the outermost ASGI layer, writing exactly one audit record per HTTP request.
+
+It sits outside Litestar so that nothing escapes it: unrouted paths (404), refused tokens (401/403), limits
+(429), handler errors and streams that end with the client gone all produce one record.  It reads what the
+inner layers left in scope: `route_handler` and `path_template` (Litestar's router), and in scope["state"]
+the `principal` (the guard) and `audit_resource_id`, `audit_prompt_tokens`, `audit_completion_tokens`
+(handlers).  The record is written once the app has returned, which for a streamed response is after its
+last chunk or the disconnect, so token counts are final.
+
+The request id is the caller's `x-request-id` when it is a plain token (<= 64 of [A-Za-z0-9._-]), else a new
+uuid4 hex; it is echoed as the `x-request-id` response header, bound into structlog's context for the
+request, and kept at scope["state"]["request_id"] for handlers.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import anyio
+import structlog
+from litestar.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.audit.log import AuditLog
+from gateway.auth.guards import release_tenant_slot
+from gateway.auth.principal import Principal
+
+__all__ = ["REQUEST_ID_HEADER", "AuditMiddleware", "outcome_for"]
+
+log = structlog.get_logger(__name__)
+
+REQUEST_ID_HEADER = b"x-request-id"
+_REQUEST_ID_RE = re.compile(rb"^[A-Za-z0-9._-]{1,64}$")
+CLIENT_CLOSED = 499  # nginx's "client closed request": the response never finished
+
+
+def outcome_for(status: int) -> str:
+    if status in (401, 403, 429):
+        return "denied"
+    return "allowed" if status < 400 else "error"
+
+
+def _request_id(scope: Scope) -> str:
+    for name, value in scope.get("headers", ()):
+        if name == REQUEST_ID_HEADER and _REQUEST_ID_RE.match(value):
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+def _final_status(started: int | None, complete: bool, failure: BaseException | None) -> int:
+    """The status to record: what was sent if it was sent in full; 499 if the client went away first."""
+    if started is not None and complete:
+        return started
+    if failure is None or isinstance(failure, anyio.get_cancelled_exc_class()):
+        return CLIENT_CLOSED if started is not None or failure is not None else 500
+    return 500
+
+
+def _str_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+class AuditMiddleware:
+    """Wraps the whole ASGI app; `append` defaults to the log's and runs in a worker thread (it fsyncs)."""
+
+    def __init__(
+        self, app: ASGIApp, audit_log: AuditLog, *, append: Callable[[dict[str, Any]], Any] | None = None
+    ) -> None:
+        self.app = app
+        self.audit_log = audit_log
+        self._append = append or audit_log.append
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = _request_id(scope)
+        state: dict[str, Any] = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        start = time.perf_counter()
+        raw_path, method = str(scope.get("path", "")), str(scope.get("method", ""))
+        response: dict[str, Any] = {"status": None, "complete": False}
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != REQUEST_ID_HEADER]
+                headers.append((REQUEST_ID_HEADER, request_id.encode()))
+                message = {**message, "headers": headers}
+                response["status"] = message["status"]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                response["complete"] = True  # only once the last chunk was handed over
+
+        failure: BaseException | None = None
+        try:
+            with structlog.contextvars.bound_contextvars(request_id=request_id):
+                await self.app(scope, receive, send_with_id)
+        except BaseException as exc:
+            failure = exc
+            raise
+        finally:
+            release_tenant_slot(state)
+            status = _final_status(response["status"], response["complete"], failure)
+            record = self._record(scope, state, request_id, started_at, start, raw_path, method, status)
+            # Shielded: a cancelled request (client gone) must still leave its record.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(self._append, record)
+                except Exception as exc:
+                    log.error("audit.append_failed", request_id=request_id, error_type=type(exc).__name__)
+
+    @staticmethod
+    def _record(
+        scope: Scope,
+        state: dict[str, Any],
+        request_id: str,
+        started_at: str,
+        start: float,
+        raw_path: str,
+        method: str,
+        status: int,
+    ) -> dict[str, Any]:
+        handler = scope.get("route_handler")
+        opt = getattr(handler, "opt", None) or {}
+        principal = state.get("principal")
+        client = scope.get("client")
+        return {
+            "time": started_at,
+            "request_id": request_id,
+            "subject": principal.subject if isinstance(principal, Principal) else None,
+            "tenant": principal.tenant if isinstance(principal, Principal) else None,
+            "client": client[0] if client else None,
+            "method": method,
+            # The template (/v1/models/{model_id:str}) when routed; the raw path only for unrouted requests.
+            "route": scope.get("path_template") or raw_path,
+            "action": _str_or_none(opt.get("action")),
+            "resource_id": state.get("audit_resource_id")
+            if isinstance(state.get("audit_resource_id"), str)
+            else None,
+            "status": status,
+            "outcome": outcome_for(status),
+            "duration_ms": round((time.perf_counter() - start) * 1000, 3),
+            "prompt_tokens": _int_or_none(state.get("audit_prompt_tokens")),
+            "completion_tokens": _int_or_none(state.get("audit_completion_tokens")),
+        }
