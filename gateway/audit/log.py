@@ -25,6 +25,7 @@ Design
 
 from __future__ import annotations
 
+import fcntl
 import hmac
 import json
 import os
@@ -58,6 +59,7 @@ __all__ = [
     "RECORD_FIELDS",
     "AuditChainBroken",
     "AuditLog",
+    "AuditLogBusy",
     "open_audit_log",
     "read_key",
     "sanitize_record",
@@ -87,6 +89,10 @@ MAX_TEXT_CHARS = 256
 MIN_KEY_BYTES = 16
 MAX_PAGE = 1000
 MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
+
+
+class AuditLogBusy(RuntimeError):
+    """Another open AuditLog (this process or another) holds the writer lock."""
 
 
 class AuditChainBroken(RuntimeError):
@@ -175,6 +181,11 @@ class AuditLog:
         self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o600)
         try:
             os.fchmod(self._fd, 0o600)
+            try:
+                # Two writers (e.g. uvicorn --workers 2) would fork the chain; the second one stops here.
+                fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise AuditLogBusy(f"{self.path} is already open for writing by another process") from None
             self._seq, self._last_mac, self._size = self._recover()
         except BaseException:
             os.close(self._fd)

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from gateway.audit.log import AuditChainBroken, AuditLog, open_audit_log
+from gateway.audit.log import AuditChainBroken, AuditLog, AuditLogBusy, open_audit_log
 from gateway.audit.verify import format_result, verify_chain
 from gateway.auth.keys import ensure_dev_keys
 from gateway.settings import Settings
@@ -289,3 +289,11 @@ def test_open_from_settings(tmp_path: Path) -> None:
 def test_short_key_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="16 bytes"):
         AuditLog(tmp_path / "audit.jsonl", b"short")
+
+
+def test_a_second_writer_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(path, KEY), pytest.raises(AuditLogBusy):
+        AuditLog(path, KEY)
+    with AuditLog(path, KEY) as log:  # free again once the first is closed
+        log.append(_record(1))
