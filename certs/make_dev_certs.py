@@ -23,8 +23,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 
 def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Privacy Gateway (dev)"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Privacy Gateway (dev)"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
@@ -34,7 +38,9 @@ def _write(path: Path, data: bytes, mode: int) -> None:
     path.chmod(mode)
 
 
-def make_certs(out: Path, *, force: bool = False, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")) -> bool:
+def make_certs(
+    out: Path, *, force: bool = False, hosts: tuple[str, ...] = ("localhost", "127.0.0.1", "::1")
+) -> bool:
     """Returns False (and changes nothing) when certificates already exist and force is off."""
     ca_path, cert_path, key_path = out / "ca.pem", out / "server.pem", out / "server-key.pem"
     if not force and cert_path.exists() and key_path.exists() and ca_path.exists():
@@ -51,9 +57,20 @@ def make_certs(out: Path, *, force: bool = False, hosts: tuple[str, ...] = ("loc
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=825))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                     key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -75,11 +92,17 @@ def make_certs(out: Path, *, force: bool = False, hosts: tuple[str, ...] = ("loc
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
         .sign(ca_key, hashes.SHA256())
     )
     pem = serialization.Encoding.PEM
-    _write(key_path, server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()), 0o600)
+    _write(
+        key_path,
+        server_key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        0o600,
+    )
     _write(cert_path, server_cert.public_bytes(pem) + ca_cert.public_bytes(pem), 0o644)
     _write(ca_path, ca_cert.public_bytes(pem), 0o644)
     return True

@@ -82,8 +82,12 @@ def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:
 
     target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
-    loaded = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
-    config = AutoConfig.for_model(**{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"})
+    loaded = AutoModelForCausalLM.from_pretrained(
+        str(source.parent), gguf_file=source.name, dtype=torch.float32
+    )
+    config = AutoConfig.for_model(
+        **{k: v for k, v in loaded.config.to_dict().items() if k != "quantization_config"}
+    )
     config.architectures = [type(loaded).__name__]
     rebuilt = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     rebuilt.load_state_dict(loaded.state_dict())
@@ -118,6 +122,7 @@ def load_model(path: Path, dtype: torch.dtype | str = "float32", device: str = "
     from transformers import AutoModelForCausalLM
 
     torch_dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype).to(device)
+    model: Any = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+    model = model.to(device)
     model.eval()
     return model

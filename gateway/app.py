@@ -21,11 +21,12 @@ from litestar.types import ASGIApp
 
 from gateway.audit.log import open_audit_log
 from gateway.audit.middleware import AuditMiddleware
-from gateway.auth.guards import authorize
+from gateway.auth.guards import apply_limits, authorize
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.tokens import TokenVerifier
-from gateway.datadir import ensure_private_dir
+from gateway.encryption import cipher_from_settings
 from gateway.engine.base import Engine
+from gateway.private_files import ensure_private_dir
 from gateway.routes.chat import ChatController
 from gateway.routes.errors import EXCEPTION_HANDLERS
 from gateway.routes.health import healthz, readyz
@@ -68,8 +69,12 @@ def _base_model_names(settings: Settings) -> list[str]:
     return [settings.models.default, *[n for n in settings.models.base if n != settings.models.default]]
 
 
-def create_app(settings: Settings, *, engines: dict[str, Engine] | None = None,
-               engine_factory: EngineFactory | None = None) -> ASGIApp:
+def create_app(
+    settings: Settings,
+    *,
+    engines: dict[str, Engine] | None = None,
+    engine_factory: EngineFactory | None = None,
+) -> ASGIApp:
     """`engines` lets tests inject ready engines; otherwise the default base model's engine is started in
     the background and other base models start on first use."""
     data_dir = ensure_private_dir(settings.data_path)
@@ -101,11 +106,12 @@ def create_app(settings: Settings, *, engines: dict[str, Engine] | None = None,
             "chat": ChatService(registry, settings.limits),
             "rate_limiter": RateLimiter(settings.limits.requests_per_minute),
             "tenant_limiter": ConcurrencyLimiter(settings.limits.tenant_concurrency),
+            "cipher": cipher_from_settings(settings),
         }
     )
     config = AppConfig(
         route_handlers=[healthz, readyz, ChatController, ModelsController],
-        guards=[authorize],
+        guards=[authorize, apply_limits],
         dependencies={
             "registry": Provide(lambda: registry, sync_to_thread=False),
             "chat": Provide(lambda: state["chat"], sync_to_thread=False),

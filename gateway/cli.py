@@ -1,20 +1,22 @@
 """`gateway` — one entry point for operators.
 
-    gateway serve              run the HTTPS gateway (and a fine-tuning worker unless disabled)
-    gateway prepare            convert the configured GGUF base models once and create dev keys
-    gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
-    gateway keys               create a signing key pair (ed25519 | rsa | ec)
-    gateway audit verify       check the audit log's hash chain; names the first bad line
-    gateway config-reference   print every setting with its default and help (Markdown)
+gateway serve              run the HTTPS gateway (and a fine-tuning worker unless disabled)
+gateway prepare            convert the configured GGUF base models once and create dev keys
+gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
+gateway keys               create a signing key pair (ed25519 | rsa | ec)
+gateway audit verify       check the audit log's hash chain; names the first bad line
+gateway config-reference   print every setting with its default and help (Markdown)
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 from pathlib import Path
 
-from gateway.datadir import ensure_private_dir, restrict_umask
+from gateway.audit.log import AuditChainBroken, AuditLogBusy
+from gateway.private_files import ensure_private_dir, restrict_umask
 from gateway.settings import Settings, iter_fields, load_settings
 
 __all__ = ["main"]
@@ -55,8 +57,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not server.plain_http:
         for path in (server.tls_cert, server.tls_key):
             if not Path(path).is_file():
-                print(f"TLS file {path} is missing: run `make certs` (or set server.plain_http behind a proxy)",
-                      file=sys.stderr)
+                print(
+                    f"TLS file {path} is missing: run `make certs` (or set server.plain_http behind a proxy)",
+                    file=sys.stderr,
+                )
                 return 2
     config = uvicorn.Config(
         create_app(settings),
@@ -81,7 +85,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _start_worker(args: argparse.Namespace, settings: Settings):  # type: ignore[no-untyped-def]
+def _start_worker(args: argparse.Namespace, settings: Settings) -> subprocess.Popen[bytes] | None:
     """The fine-tuning worker runs as its own process: it owns the training device, and a crash there never
     takes the gateway down."""
     if not settings.finetune.run_worker or args.no_worker:
@@ -90,8 +94,6 @@ def _start_worker(args: argparse.Namespace, settings: Settings):  # type: ignore
         import finetune.worker  # noqa: F401
     except ImportError:
         return None
-    import subprocess
-
     command = [sys.executable, "-m", "finetune.worker"]
     if args.config:
         command += ["--config", args.config]
@@ -102,7 +104,11 @@ def cmd_token(args: argparse.Namespace) -> int:
     from gateway.auth.tokens import mint_dev_token, parse_ttl
 
     settings = _settings(args)
-    print(mint_dev_token(settings, sub=args.sub, org=args.org, scope=args.scope, ttl_seconds=parse_ttl(args.ttl)))
+    print(
+        mint_dev_token(
+            settings, sub=args.sub, org=args.org, scope=args.scope, ttl_seconds=parse_ttl(args.ttl)
+        )
+    )
     return 0
 
 
@@ -143,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true", help="do not start a fine-tuning worker")
     serve.set_defaults(func=cmd_serve)
 
-    sub.add_parser("prepare", help="convert base models once and create dev keys").set_defaults(func=cmd_prepare)
+    sub.add_parser("prepare", help="convert base models once and create dev keys").set_defaults(
+        func=cmd_prepare
+    )
 
     token = sub.add_parser("token", help="mint a dev JWT with the local signing key")
     token.add_argument("--sub", required=True)
@@ -164,7 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--log", help="audit log path (default: <data_dir>/<audit.path>)")
     verify.set_defaults(func=cmd_audit_verify)
 
-    sub.add_parser("config-reference", help="print the settings reference").set_defaults(func=cmd_config_reference)
+    sub.add_parser("config-reference", help="print the settings reference").set_defaults(
+        func=cmd_config_reference
+    )
     return parser
 
 
@@ -173,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, FileExistsError, ValueError) as exc:
+    except (FileNotFoundError, FileExistsError, ValueError, AuditChainBroken, AuditLogBusy) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -53,13 +53,20 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
-        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class InvalidRequest(GatewayError):
     status_code = 400
     error_type = "invalid_request_error"
-    default_code = None
+    default_code: str | None = None
 
 
 class ContextLengthExceeded(InvalidRequest):

@@ -14,9 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["ensure_private_dir", "fsync_dir", "private_file_writer", "write_private_file"]
+__all__ = ["ensure_private_dir", "fsync_dir", "private_file_writer", "restrict_umask", "write_private_file"]
 
 PRIVATE_DIR_MODE = 0o700
+
+
+def restrict_umask() -> None:
+    """New files 0600 and directories 0700 by default, for this process and the workers it starts."""
+    os.umask(0o077)
 
 
 def ensure_private_dir(path: Path) -> Path:

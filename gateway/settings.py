@@ -95,7 +95,9 @@ class AuthSettings:
     public_key_file: str = _f("", "Verification key: PEM public key. Empty: <data_dir>/keys/jwt-public.pem.")
     jwks_file: str = _f("", "Verification keys: a local JWKS file (never fetched). Overrides the PEM.")
     hs256_secret_file: str = _f("", "Development only: an HS256 shared secret file. Overrides both.")
-    private_key_file: str = _f("", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem.")
+    private_key_file: str = _f(
+        "", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem."
+    )
     leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
     metrics_public: bool = _f(True, "Serve /metrics without a token (bind to loopback or firewall it).")
 
@@ -103,14 +105,20 @@ class AuthSettings:
 @dataclass(frozen=True)
 class AuditSettings:
     path: str = _f("audit/audit.jsonl", "Audit log (JSON Lines), relative to the data dir.")
-    key_file: str = _f("", "HMAC key for the audit chain, kept apart from the log. Empty: <data_dir>/keys/audit.key.")
+    key_file: str = _f(
+        "", "HMAC key for the audit chain, kept apart from the log. Empty: <data_dir>/keys/audit.key."
+    )
 
 
 @dataclass(frozen=True)
 class PrivacySettings:
     encrypt_at_rest: bool = _f(False, "Encrypt uploaded files, adapters and checkpoints (AES-256-GCM).")
-    master_key_file: str = _f("", "Master key wrapping per-file data keys. Empty: <data_dir>/keys/master.key.")
-    master_key_env: str = _f("GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file.")
+    master_key_file: str = _f(
+        "", "Master key wrapping per-file data keys. Empty: <data_dir>/keys/master.key."
+    )
+    master_key_env: str = _f(
+        "GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file."
+    )
 
 
 @dataclass(frozen=True)
@@ -213,6 +221,10 @@ def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple
         if dataclasses.is_dataclass(kind) and isinstance(kind, type):
             yield from iter_fields(kind, f"{name}.")
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        type_name = kind.__name__ if isinstance(kind, type) and not isinstance(kind, types.GenericAlias) else str(kind)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[operator]
+        type_name = (
+            kind.__name__
+            if isinstance(kind, type) and not isinstance(kind, types.GenericAlias)
+            else str(kind)
+        )
         yield name, default, type_name, f.metadata.get("help", "")

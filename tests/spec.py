@@ -17,8 +17,26 @@ def _registry() -> Any:
     from referencing.jsonschema import DRAFT202012
 
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-    document = yaml.load(SPEC.read_text(), Loader=loader)  # noqa: S506 - a safe loader
+    document = _nullable_to_json_schema(yaml.load(SPEC.read_text(), Loader=loader))
     return Registry().with_resource("urn:openai-spec", Resource(document, specification=DRAFT202012))
+
+
+def _nullable_to_json_schema(node: Any) -> Any:
+    """The spec mixes OpenAPI 3.0's `nullable: true` into 3.1 schemas; JSON Schema ignores it, so rewrite it
+    as an explicit null alternative."""
+    if isinstance(node, list):
+        return [_nullable_to_json_schema(item) for item in node]
+    if not isinstance(node, dict):
+        return node
+    node = {key: _nullable_to_json_schema(value) for key, value in node.items()}
+    if node.pop("nullable", False) is True:
+        if isinstance(node.get("type"), str):
+            node["type"] = [node["type"], "null"]
+            if "enum" in node:
+                node["enum"] = [*node["enum"], None]
+        else:
+            node = {"anyOf": [node, {"type": "null"}]}
+    return node
 
 
 def validate(schema_name: str, instance: Any) -> None:

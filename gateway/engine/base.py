@@ -17,6 +17,7 @@ __all__ = [
     "ChoiceDelta",
     "Engine",
     "EngineStats",
+    "FinishReason",
     "GenerationRequest",
     "GenerationStream",
     "SamplingParams",
@@ -43,6 +44,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     logprobs: bool = False
     top_logprobs: int = 0
+    ignore_eos: bool = False  # vLLM's extension: decode to max_tokens (benchmarks)
 
 
 @dataclass(frozen=True)

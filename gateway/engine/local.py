@@ -27,6 +27,7 @@ import torch
 from gateway.engine.base import (
     ChoiceDelta,
     EngineStats,
+    FinishReason,
     GenerationRequest,
     TokenLogprob,
 )
@@ -182,13 +183,20 @@ class LocalEngine:
         model = load_model(self.model_dir, dtype="float32")
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
         self.max_model_len = min(self.requested_model_len, int(context))
-        self._runner = ModelRunner(model, max_slots=self.max_running, max_model_len=self.max_model_len, dtype=self.dtype)
+        self._runner = ModelRunner(
+            model, max_slots=self.max_running, max_model_len=self.max_model_len, dtype=self.dtype
+        )
         del model  # the runner keeps its own (fused, possibly bf16) copies of the weights
         self._stop_ids = _stop_token_ids(self.tokenizer, self.model_dir)
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
         self._ready.set()
-        log.info("engine.started", model=self.model_name, dtype=str(self.dtype), seconds=round(time.perf_counter() - started, 2))
+        log.info(
+            "engine.started",
+            model=self.model_name,
+            dtype=str(self.dtype),
+            seconds=round(time.perf_counter() - started, 2),
+        )
 
     def shutdown(self) -> None:
         if self._thread is not None:
@@ -198,7 +206,12 @@ class LocalEngine:
         self._ready.clear()
 
     def is_ready(self) -> bool:
-        return self._ready.is_set() and self._failed is None and self._thread is not None and self._thread.is_alive()
+        return (
+            self._ready.is_set()
+            and self._failed is None
+            and self._thread is not None
+            and self._thread.is_alive()
+        )
 
     def stats(self) -> EngineStats:
         return EngineStats(
@@ -239,7 +252,9 @@ class LocalEngine:
             try:
                 encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
             except Exception as exc:  # a template that rejects a role order, for example
-                raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from exc
+                raise InvalidRequest(
+                    f"the model's chat template rejected the messages: {exc}", param="messages"
+                ) from exc
             ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
             return list(ids)
         return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
@@ -248,7 +263,9 @@ class LocalEngine:
         if not self.is_ready():
             raise EngineUnavailable("the engine is not ready; retry shortly")
         if request.model != self.model_name:
-            raise NotFound(f"The model '{request.model}' does not exist", param="model", code="model_not_found")
+            raise NotFound(
+                f"The model '{request.model}' does not exist", param="model", code="model_not_found"
+            )
         adapter = None
         if request.adapter is not None:
             with self._adapter_lock:
@@ -256,10 +273,14 @@ class LocalEngine:
                 if adapter is not None:
                     self._adapters.move_to_end(request.adapter)
             if adapter is None:
-                raise NotFound(f"The model '{request.adapter}' is not loaded", param="model", code="model_not_found")
+                raise NotFound(
+                    f"The model '{request.adapter}' is not loaded", param="model", code="model_not_found"
+                )
         prompt = self.tokenize(request)
         if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt" if request.prompt is not None else "messages")
+            raise InvalidRequest(
+                "the prompt is empty", param="prompt" if request.prompt is not None else "messages"
+            )
         room = self.max_model_len - len(prompt)
         max_tokens = request.sampling.max_tokens
         if max_tokens is None:
@@ -275,7 +296,9 @@ class LocalEngine:
             raise InvalidRequest(f"n must be at most {self.max_running} on this server", param="n")
         with self._queued_lock:
             if self._queued >= self.max_queued:
-                raise RateLimited("The engine queue is full; retry shortly", retry_after=1, code="engine_overloaded")
+                raise RateLimited(
+                    "The engine queue is full; retry shortly", retry_after=1, code="engine_overloaded"
+                )
             self._queued += 1
         loop = asyncio.get_running_loop()
         group = _Group(
@@ -374,7 +397,9 @@ class LocalEngine:
                 continue
             chunk = group.prompt[group.prefilled : group.prefilled + budget]
             last = group.prefilled + len(chunk) == len(group.prompt)
-            batch.prefills.append(PrefillSegment(seq.slot, group.prefilled, chunk, group.adapter, wants_logits=last))
+            batch.prefills.append(
+                PrefillSegment(seq.slot, group.prefilled, chunk, group.adapter, wants_logits=last)
+            )
             budget -= len(chunk)
             prefilling.append(group)
         logits = self._runner.step(batch)
@@ -405,16 +430,16 @@ class LocalEngine:
             if delta is not None:
                 deltas.setdefault(seq.group.request_id, []).append(delta)
         for request_id, items in deltas.items():
-            group = self._groups.get(request_id)
-            if group is not None:
-                group.send(items)
-                if all(s.done for s in group.sequences):
-                    self._finish_group(group)
+            owner = self._groups.get(request_id)
+            if owner is not None:
+                owner.send(items)
+                if all(s.done for s in owner.sequences):
+                    self._finish_group(owner)
 
     def _advance(self, seq: _Sequence, token: int, result: Any, row: int) -> ChoiceDelta | None:
         seq.generated += 1
-        finish = None
-        if token in self._stop_ids:
+        finish: FinishReason | None = None
+        if token in self._stop_ids and not seq.sampler.params.ignore_eos:
             text, finish = seq.stops.flush(), "stop"
         else:
             text, hit = seq.stops.feed(seq.detok.push(token))

@@ -39,7 +39,13 @@ class LoraAdapter:
 
     @classmethod
     def load(
-        cls, name: str, directory: Path, *, num_layers: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+        cls,
+        name: str,
+        directory: Path,
+        *,
+        num_layers: int,
+        dtype: torch.dtype,
+        device: torch.device | str = "cpu",
     ) -> LoraAdapter:
         config_path = directory / "adapter_config.json"
         weights_path = directory / "adapter_model.safetensors"

@@ -17,9 +17,10 @@ Supported: LlamaForCausalLM and its relatives (Mistral, Qwen2 with qkv bias, Qwe
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-import torch.nn.functional as F  # noqa: N812
+import torch.nn.functional as F
 
 from gateway.engine.lora import LoraAdapter
 
@@ -69,7 +70,7 @@ class ModelRunner:
     """Owns the weights and the KV cache.  Not thread-safe: one engine thread calls it."""
 
     def __init__(
-        self, model: torch.nn.Module, *, max_slots: int, max_model_len: int, dtype: torch.dtype | None = None
+        self, model: Any, *, max_slots: int, max_model_len: int, dtype: torch.dtype | None = None
     ) -> None:
         config = model.config
         arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
@@ -102,7 +103,7 @@ class ModelRunner:
         self._grow(min(256, max_model_len))
 
     @staticmethod
-    def _fuse(layer: torch.nn.Module, dtype: torch.dtype) -> _Layer:
+    def _fuse(layer: Any, dtype: torch.dtype) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
         bias = None
         if attn.q_proj.bias is not None:
@@ -176,8 +177,14 @@ class ModelRunner:
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps).to(self.dtype)
             qkv = F.linear(h, layer.qkv, layer.qkv_bias)
             if groups:
-                _apply_lora(qkv, h, groups, index, ("q_proj", "k_proj", "v_proj"),
-                            (self.q_size, self.kv_size, self.kv_size))
+                _apply_lora(
+                    qkv,
+                    h,
+                    groups,
+                    index,
+                    ("q_proj", "k_proj", "v_proj"),
+                    (self.q_size, self.kv_size, self.kv_size),
+                )
             q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
             q = q.reshape(-1, self.n_heads, self.head_dim).float()
             k = k.reshape(-1, self.n_kv_heads, self.head_dim).float()
@@ -188,7 +195,7 @@ class ModelRunner:
             q, k = _rope(q, cos, sin).to(self.dtype), _rope(k, cos, sin).to(self.dtype)
             attn = torch.empty_like(q)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            if n_dec:
+            if dec_mask is not None:
                 k_cache[dec_slots, :, dec_pos] = k[:n_dec]
                 v_cache[dec_slots, :, dec_pos] = v[:n_dec]
                 attn[:n_dec] = self._decode_attention(q[:n_dec], k_cache, v_cache, dec_slots, dec_mask)
@@ -198,7 +205,9 @@ class ModelRunner:
                 stop = seg.start + len(seg.token_ids)
                 k_cache[seg.slot, :, seg.start : stop] = k[offset:end].transpose(0, 1)
                 v_cache[seg.slot, :, seg.start : stop] = v[offset:end].transpose(0, 1)
-                attn[offset:end] = self._prefill_attention(q[offset:end], k_cache, v_cache, seg.slot, seg.start, stop)
+                attn[offset:end] = self._prefill_attention(
+                    q[offset:end], k_cache, v_cache, seg.slot, seg.start, stop
+                )
                 offset = end
             attn_flat = attn.view(-1, self.q_size)
             out = F.linear(attn_flat, layer.o)
@@ -234,7 +243,12 @@ class ModelRunner:
         return allowed[:, None, None, :]
 
     def _decode_attention(
-        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slots: torch.Tensor,
+        mask: torch.Tensor,
     ) -> torch.Tensor:
         length = mask.shape[-1]
         n = q.shape[0]

@@ -26,7 +26,7 @@ class SequenceSampler:
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
-        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)  # noqa: S311
+        seed = self.params.seed if self.params.seed is not None else random.getrandbits(63)
         self.generator.manual_seed(seed)
 
     @property

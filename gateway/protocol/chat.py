@@ -55,6 +55,7 @@ class ChatCompletionRequest(Struct, kw_only=True):
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM-compatible extension, for benchmarks
 
 
 class TopLogprob(Struct):
@@ -101,7 +102,7 @@ class ChatCompletion(Struct):
     choices: list[Choice]
     usage: Usage
     object: Literal["chat.completion"] = "chat.completion"
-    system_fingerprint: str | None = None
+    system_fingerprint: str | UnsetType = UNSET
 
 
 class Delta(Struct, omit_defaults=True):
@@ -122,8 +123,8 @@ class ChatCompletionChunk(Struct):
     model: str
     choices: list[ChunkChoice]
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    system_fingerprint: str | None = None
-    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET
 
 
 def encode(value: Struct) -> bytes:

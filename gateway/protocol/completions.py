@@ -27,6 +27,7 @@ class CompletionRequest(Struct, kw_only=True):
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM-compatible extension, for benchmarks
 
 
 class CompletionLogprobs(Struct):
@@ -49,5 +50,5 @@ class Completion(Struct):
     model: str
     choices: list[CompletionChoice]
     object: Literal["text_completion"] = "text_completion"
-    system_fingerprint: str | None = None
-    usage: Usage | None | UnsetType = UNSET
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET

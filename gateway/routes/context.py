@@ -15,7 +15,8 @@ __all__ = ["principal_of", "request_id_of", "set_audit", "usage_sink"]
 
 
 def _state(connection: ASGIConnection[Any, Any, Any, Any]) -> dict[str, Any]:
-    return connection.scope.setdefault("state", {})  # type: ignore[typeddict-item, return-value]
+    state: dict[str, Any] = connection.scope.setdefault("state", {})
+    return state
 
 
 def principal_of(connection: ASGIConnection[Any, Any, Any, Any]) -> Principal:

@@ -26,8 +26,14 @@ _HTTP_TYPES = {
 }
 
 
-def _envelope(status: int, message: str, type_: str, param: str | None, code: str | None,
-              headers: dict[str, str] | None = None) -> Response[Any]:
+def _envelope(
+    status: int,
+    message: str,
+    type_: str,
+    param: str | None,
+    code: str | None,
+    headers: dict[str, str] | None = None,
+) -> Response[Any]:
     body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
@@ -38,7 +44,9 @@ def _gateway_error(_: Request[Any, Any, Any], exc: GatewayError) -> Response[Any
 
 def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response[Any]:
     status = exc.status_code
-    type_, code = _HTTP_TYPES.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    type_, code = _HTTP_TYPES.get(
+        status, ("server_error" if status >= 500 else "invalid_request_error", None)
+    )
     if isinstance(exc, LitestarNotFound) or status == 404:
         message = f"Unknown request URL: {request.method} {request.url.path}."
     elif status == 413:
@@ -55,8 +63,9 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
 
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("request.unhandled_error", error_type=type(exc).__name__, path=request.url.path)
-    return _envelope(500, "The server had an error while processing your request.", "server_error", None,
-                     "internal_error")
+    return _envelope(
+        500, "The server had an error while processing your request.", "server_error", None, "internal_error"
+    )
 
 
 EXCEPTION_HANDLERS: dict[Any, Any] = {

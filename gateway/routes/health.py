@@ -31,5 +31,9 @@ async def readyz(request: Request[Any, Any, Any], registry: ModelRegistry) -> Re
     except OSError:
         writable = False
     ready = engine_ready and writable
-    body = {"status": "ready" if ready else "not_ready", "engine": engine_ready, "data_dir_writable": writable}
+    body = {
+        "status": "ready" if ready else "not_ready",
+        "engine": engine_ready,
+        "data_dir_writable": writable,
+    }
     return Response(body, status_code=200 if ready else 503)

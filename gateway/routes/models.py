@@ -26,7 +26,9 @@ class ModelsController(Controller):
         return ModelList(data=[_model(e) for e in registry.visible(principal_of(request))])
 
     @get("/{model_id:str}", opt={"scope": "models:read", "action": "model.retrieve"})
-    async def retrieve(self, request: Request[Any, Any, Any], registry: ModelRegistry, model_id: str) -> Model:
+    async def retrieve(
+        self, request: Request[Any, Any, Any], registry: ModelRegistry, model_id: str
+    ) -> Model:
         set_audit(request, resource_id=model_id)
         return _model(registry.get(model_id, principal_of(request)))
 
@@ -37,8 +39,9 @@ class ModelsController(Controller):
         set_audit(request, resource_id=model_id)
         entry = registry.get(model_id, principal_of(request))
         if entry.is_base:
-            raise PermissionDenied("Base models cannot be deleted through the API", param="model",
-                                   code="model_not_deletable")
+            raise PermissionDenied(
+                "Base models cannot be deleted through the API", param="model", code="model_not_deletable"
+            )
         remover = request.app.state.get("model_remover")
         if remover is not None:  # the fine-tuning store also forgets it, so it stays gone after a restart
             await remover(entry)

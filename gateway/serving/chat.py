@@ -48,19 +48,29 @@ class ChatService:
     ) -> p.ChatCompletion | AsyncIterator[bytes]:
         engine, entry = await self._registry.engine_for(req.model, principal)
         max_tokens = req.max_completion_tokens or req.max_tokens
-        sampling = self._sampling(req, max_tokens, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0)
+        sampling = self._sampling(
+            req, max_tokens, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0
+        )
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         messages = tuple(_message(i, m) for i, m in enumerate(req.messages))
         stream = await engine.submit(
-            GenerationRequest(request_id=request_id, model=entry.base, messages=messages, sampling=sampling,
-                              n=req.n or 1, adapter=None if entry.is_base else entry.id)
+            GenerationRequest(
+                request_id=request_id,
+                model=entry.base,
+                messages=messages,
+                sampling=sampling,
+                n=req.n or 1,
+                adapter=None if entry.is_base else entry.id,
+            )
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._chat_chunks(stream, completion_id, created, req.model, req.n or 1, include_usage, on_usage)
+            return self._chat_chunks(
+                stream, completion_id, created, req.model, req.n or 1, include_usage, on_usage
+            )
         results = await _collect(stream, req.n or 1)
         completion_tokens = sum(r.tokens for r in results)
         on_usage(stream.prompt_tokens, completion_tokens)
@@ -72,7 +82,9 @@ class ChatService:
                 p.Choice(
                     index=i,
                     message=p.ResponseMessage(role="assistant", content=r.text),
-                    logprobs=p.ChoiceLogprobs(content=_chat_logprobs(r.logprobs)) if sampling.logprobs else None,
+                    logprobs=p.ChoiceLogprobs(content=_chat_logprobs(r.logprobs))
+                    if sampling.logprobs
+                    else None,
                     finish_reason=r.finish or "stop",  # type: ignore[arg-type]
                 )
                 for i, r in enumerate(results)
@@ -81,13 +93,23 @@ class ChatService:
         )
 
     async def _chat_chunks(
-        self, stream: GenerationStream, completion_id: str, created: int, model: str, n: int, include_usage: bool,
+        self,
+        stream: GenerationStream,
+        completion_id: str,
+        created: int,
+        model: str,
+        n: int,
+        include_usage: bool,
         on_usage: UsageSink,
     ) -> AsyncIterator[bytes]:
-        def chunk(choices: list[p.ChunkChoice], usage: p.Usage | None | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+        def chunk(
+            choices: list[p.ChunkChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
+        ) -> bytes:
             if include_usage and usage is msgspec.UNSET:
                 usage = None  # OpenAI sends "usage": null on every chunk but the last when usage is asked for
-            body = p.ChatCompletionChunk(id=completion_id, created=created, model=model, choices=choices, usage=usage)
+            body = p.ChatCompletionChunk(
+                id=completion_id, created=created, model=model, choices=choices, usage=usage
+            )
             return b"data: " + msgspec.json.encode(body) + b"\n\n"
 
         completion_tokens = 0
@@ -97,10 +119,20 @@ class ChatService:
             async for delta in stream:
                 completion_tokens += delta.token_count
                 if delta.text or delta.logprobs:
-                    logprobs = p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
-                    yield chunk([p.ChunkChoice(index=delta.index, delta=p.Delta(content=delta.text), logprobs=logprobs)])
+                    logprobs = (
+                        p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
+                    )
+                    yield chunk(
+                        [
+                            p.ChunkChoice(
+                                index=delta.index, delta=p.Delta(content=delta.text), logprobs=logprobs
+                            )
+                        ]
+                    )
                 if delta.finish_reason is not None:
-                    yield chunk([p.ChunkChoice(index=delta.index, delta=p.Delta(), finish_reason=delta.finish_reason)])
+                    yield chunk(
+                        [p.ChunkChoice(index=delta.index, delta=p.Delta(), finish_reason=delta.finish_reason)]
+                    )
             if include_usage:
                 yield chunk([], _usage(stream.prompt_tokens, completion_tokens))
             yield b"data: [DONE]\n\n"
@@ -117,18 +149,27 @@ class ChatService:
     ) -> pc.Completion | AsyncIterator[bytes]:
         engine, entry = await self._registry.engine_for(req.model, principal)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        sampling = self._sampling(req, req.max_tokens, logprobs=req.logprobs is not None,
-                                  top_logprobs=req.logprobs or 0)
+        sampling = self._sampling(
+            req, req.max_tokens, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0
+        )
         stream = await engine.submit(
-            GenerationRequest(request_id=request_id, model=entry.base, prompt=prompt, sampling=sampling,
-                              n=req.n or 1, adapter=None if entry.is_base else entry.id)
+            GenerationRequest(
+                request_id=request_id,
+                model=entry.base,
+                prompt=prompt,
+                sampling=sampling,
+                n=req.n or 1,
+                adapter=None if entry.is_base else entry.id,
+            )
         )
         completion_id = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         echo = prompt if req.echo else ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._completion_chunks(stream, completion_id, created, req.model, echo, include_usage, on_usage)
+            return self._completion_chunks(
+                stream, completion_id, created, req.model, echo, include_usage, on_usage
+            )
         results = await _collect(stream, req.n or 1)
         completion_tokens = sum(r.tokens for r in results)
         on_usage(stream.prompt_tokens, completion_tokens)
@@ -137,18 +178,30 @@ class ChatService:
             created=created,
             model=req.model,
             choices=[
-                pc.CompletionChoice(index=i, text=echo + r.text, finish_reason=r.finish or "stop",  # type: ignore[arg-type]
-                                    logprobs=_completion_logprobs(r.logprobs, len(echo)) if sampling.logprobs else None)
+                pc.CompletionChoice(
+                    index=i,
+                    text=echo + r.text,
+                    finish_reason=r.finish or "stop",  # type: ignore[arg-type]
+                    logprobs=_completion_logprobs(r.logprobs, len(echo)) if sampling.logprobs else None,
+                )
                 for i, r in enumerate(results)
             ],
             usage=_usage(stream.prompt_tokens, completion_tokens),
         )
 
     async def _completion_chunks(
-        self, stream: GenerationStream, completion_id: str, created: int, model: str, echo: str,
-        include_usage: bool, on_usage: UsageSink,
+        self,
+        stream: GenerationStream,
+        completion_id: str,
+        created: int,
+        model: str,
+        echo: str,
+        include_usage: bool,
+        on_usage: UsageSink,
     ) -> AsyncIterator[bytes]:
-        def chunk(choices: list[pc.CompletionChoice], usage: p.Usage | None | msgspec.UnsetType = msgspec.UNSET) -> bytes:
+        def chunk(
+            choices: list[pc.CompletionChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
+        ) -> bytes:
             if include_usage and usage is msgspec.UNSET:
                 usage = None
             body = pc.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage)
@@ -161,8 +214,16 @@ class ChatService:
                 completion_tokens += delta.token_count
                 prefix = echo if delta.index not in echoed else ""
                 echoed.add(delta.index)
-                yield chunk([pc.CompletionChoice(index=delta.index, text=prefix + delta.text,
-                                                 finish_reason=delta.finish_reason, logprobs=None)])
+                yield chunk(
+                    [
+                        pc.CompletionChoice(
+                            index=delta.index,
+                            text=prefix + delta.text,
+                            finish_reason=delta.finish_reason,
+                            logprobs=None,
+                        )
+                    ]
+                )
             if include_usage:
                 yield chunk([], _usage(stream.prompt_tokens, completion_tokens))
             yield b"data: [DONE]\n\n"
@@ -175,12 +236,17 @@ class ChatService:
     # -- shared ------------------------------------------------------------------------------------------
 
     def _sampling(
-        self, req: p.ChatCompletionRequest | pc.CompletionRequest, max_tokens: int | None, *, logprobs: bool,
+        self,
+        req: p.ChatCompletionRequest | pc.CompletionRequest,
+        max_tokens: int | None,
+        *,
+        logprobs: bool,
         top_logprobs: int,
     ) -> SamplingParams:
         if max_tokens is not None and max_tokens > self._limits.max_tokens_cap:
-            raise InvalidRequest(f"max_tokens must be at most {self._limits.max_tokens_cap} on this server",
-                                 param="max_tokens")
+            raise InvalidRequest(
+                f"max_tokens must be at most {self._limits.max_tokens_cap} on this server", param="max_tokens"
+            )
         if (req.n or 1) > self._limits.max_n:
             raise InvalidRequest(f"n must be at most {self._limits.max_n} on this server", param="n")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
@@ -194,6 +260,7 @@ class ChatService:
             stop=stop,
             logprobs=logprobs,
             top_logprobs=top_logprobs,
+            ignore_eos=req.ignore_eos,
         )
 
 
@@ -235,8 +302,12 @@ def _usage(prompt: int, completion: int) -> p.Usage:
 
 def _chat_logprobs(items: list[EngineLogprob] | None) -> list[p.TokenLogprob]:
     return [
-        p.TokenLogprob(token=i.token, logprob=i.logprob, bytes=i.bytes,
-                       top_logprobs=[p.TopLogprob(token=t, logprob=lp, bytes=b) for t, b, lp in i.top])
+        p.TokenLogprob(
+            token=i.token,
+            logprob=i.logprob,
+            bytes=i.bytes,
+            top_logprobs=[p.TopLogprob(token=t, logprob=lp, bytes=b) for t, b, lp in i.top],
+        )
         for i in items or []
     ]
 
@@ -250,4 +321,3 @@ def _completion_logprobs(items: list[EngineLogprob] | None, offset: int) -> pc.C
         values.append(item.logprob)
         tops.append({t: lp for t, _, lp in item.top})
     return pc.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
-

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,9 +21,12 @@ from gateway.auth.principal import Principal
 from gateway.engine.base import Engine
 from gateway.errors import InvalidRequest, NotFound
 
-__all__ = ["ModelEntry", "ModelRegistry"]
+__all__ = ["AdapterOpener", "ModelEntry", "ModelRegistry"]
 
 log = structlog.get_logger(__name__)
+
+# Stored adapter directory -> a plaintext directory the engine can read (decrypts when encrypted at rest).
+AdapterOpener = Callable[[Path], AbstractContextManager[Path]]
 
 
 @dataclass(frozen=True)
@@ -40,13 +44,22 @@ class ModelEntry:
 
 
 def _not_found(model_id: str) -> NotFound:
-    return NotFound(f"The model '{model_id}' does not exist or you do not have access to it.", param="model",
-                    code="model_not_found")
+    return NotFound(
+        f"The model '{model_id}' does not exist or you do not have access to it.",
+        param="model",
+        code="model_not_found",
+    )
 
 
 class ModelRegistry:
-    def __init__(self, engines: dict[str, Engine], *, engine_starter: Callable[[str], Engine] | None = None,
-                 base_models: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        engines: dict[str, Engine],
+        *,
+        engine_starter: Callable[[str], Engine] | None = None,
+        base_models: list[str] | None = None,
+        adapter_opener: AdapterOpener | None = None,
+    ) -> None:
         """`engines`: started engines by base model name.  `base_models`: every configured base model (some
         may be started lazily by `engine_starter` on first use)."""
         self._engines = dict(engines)
@@ -57,6 +70,7 @@ class ModelRegistry:
             for name in (base_models or list(engines))
         }
         self._load_locks: dict[str, asyncio.Lock] = {}
+        self.adapter_opener = adapter_opener
 
     # -- listing -----------------------------------------------------------------------------------------
 
@@ -75,16 +89,19 @@ class ModelRegistry:
 
     # -- fine-tuned models -------------------------------------------------------------------------------
 
-    def register_adapter(self, model_id: str, *, base: str, tenant: str, path: Path, created: int,
-                         preload: bool = True) -> ModelEntry:
+    def register_adapter(
+        self, model_id: str, *, base: str, tenant: str, path: Path, created: int, preload: bool = True
+    ) -> ModelEntry:
         """Make a fine-tuned model servable now (hot-load), without a restart."""
         if base not in self._entries or not self._entries[base].is_base:
             raise InvalidRequest(f"base model {base!r} is not configured on this server", param="model")
-        entry = ModelEntry(id=model_id, created=created, owned_by=tenant, base=base, adapter_path=path, tenant=tenant)
+        entry = ModelEntry(
+            id=model_id, created=created, owned_by=tenant, base=base, adapter_path=path, tenant=tenant
+        )
         self._entries[model_id] = entry
         engine = self._engines.get(base)
         if preload and engine is not None:
-            engine.add_adapter(model_id, path)
+            self._load_adapter(engine, model_id, path)
         log.info("registry.adapter_registered", model=model_id)
         return entry
 
@@ -107,8 +124,15 @@ class ModelRegistry:
             lock = self._load_locks.setdefault(entry.id, asyncio.Lock())
             async with lock:
                 if not engine.has_adapter(entry.id):
-                    await asyncio.to_thread(engine.add_adapter, entry.id, entry.adapter_path)
+                    await asyncio.to_thread(self._load_adapter, engine, entry.id, entry.adapter_path)
         return engine, entry
+
+    def _load_adapter(self, engine: Engine, name: str, path: Path) -> None:
+        if self.adapter_opener is None:
+            engine.add_adapter(name, path)
+            return
+        with self.adapter_opener(path) as plain:
+            engine.add_adapter(name, plain)
 
     async def start_engine(self, base: str) -> Engine:
         """The engine for a base model, started now if it is not running yet."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -59,6 +60,10 @@ class Gateway:
     def ca(self) -> str:
         return str(self.certs / "ca.pem")
 
+    def verify(self) -> ssl.SSLContext:
+        """Trust exactly the dev CA this gateway's certificate was made with."""
+        return ssl.create_default_context(cafile=self.ca)
+
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
         env.update(
@@ -84,21 +89,26 @@ class Gateway:
 
     def client(self, token: str | None = None) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
-        return httpx.Client(base_url=self.url, verify=self.ca, headers=headers, timeout=120)
+        return httpx.Client(base_url=self.url, verify=self.verify(), headers=headers, timeout=120)
 
     def start(self, *args: str, timeout: float = 180) -> None:
         ensure_dev_keys(self.settings())
         self.log_path = self.data_dir.parent / f"server-{self.port}.log"
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", *args], env=self.env(), cwd=REPO, stdout=log,
+            [sys.executable, "-m", "gateway.cli", "serve", *args],
+            env=self.env(),
+            cwd=REPO,
+            stdout=log,
             stderr=subprocess.STDOUT,
         )
         deadline = time.monotonic() + timeout
-        with httpx.Client(verify=self.ca, timeout=5) as client:
+        with httpx.Client(verify=self.verify(), timeout=5) as client:
             while time.monotonic() < deadline:
                 if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.logs()[-4000:]}")
+                    raise RuntimeError(
+                        f"gateway exited with {self.process.returncode}:\n{self.logs()[-4000:]}"
+                    )
                 try:
                     if client.get(f"{self.url}/readyz").status_code == 200:
                         return

@@ -19,14 +19,20 @@ QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(base_url=gateway.base_url, api_key=gateway.token(),
-                         http_client=httpx.Client(verify=gateway.ca, timeout=120))
+    return openai.OpenAI(
+        base_url=gateway.base_url,
+        api_key=gateway.token(),
+        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
+    )
 
 
 @pytest.fixture(scope="module")
 def async_client(gateway: Gateway) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=gateway.base_url, api_key=gateway.token(),
-                              http_client=httpx.AsyncClient(verify=gateway.ca, timeout=120))
+    return openai.AsyncOpenAI(
+        base_url=gateway.base_url,
+        api_key=gateway.token(),
+        http_client=httpx.AsyncClient(verify=gateway.verify(), timeout=120),
+    )
 
 
 def test_models_list_and_retrieve(client: openai.OpenAI) -> None:
@@ -57,8 +63,10 @@ def test_chat_greedy_answers_with_real_usage(client: openai.OpenAI, model_dir) -
 
 def test_max_tokens_stops_with_length(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Write a long story about a dragon."}],
-        max_completion_tokens=5, temperature=0,
+        model=MODEL,
+        messages=[{"role": "user", "content": "Write a long story about a dragon."}],
+        max_completion_tokens=5,
+        temperature=0,
     )
     assert result.choices[0].finish_reason == "length"
     assert result.usage is not None and result.usage.completion_tokens == 5
@@ -67,8 +75,9 @@ def test_max_tokens_stops_with_length(client: openai.OpenAI) -> None:
 def test_stop_string_is_never_included(client: openai.OpenAI) -> None:
     plain = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=40)
     assert "Paris" in (plain.choices[0].message.content or "")
-    result = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=40,
-                                            stop=["Paris", "never-there"])
+    result = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=40, stop=["Paris", "never-there"]
+    )
     content = result.choices[0].message.content or ""
     assert "Paris" not in content
     assert (plain.choices[0].message.content or "").startswith(content)
@@ -77,8 +86,15 @@ def test_stop_string_is_never_included(client: openai.OpenAI) -> None:
 
 def test_seed_reproducible_and_n_choices(client: openai.OpenAI) -> None:
     def ask(seed: int) -> list[str]:
-        result = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell me a fun fact."}],
-                                                temperature=1.0, top_p=0.95, seed=seed, max_tokens=24, n=2)
+        result = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me a fun fact."}],
+            temperature=1.0,
+            top_p=0.95,
+            seed=seed,
+            max_tokens=24,
+            n=2,
+        )
         assert [c.index for c in result.choices] == [0, 1]
         return [c.message.content or "" for c in result.choices]
 
@@ -91,17 +107,24 @@ def test_seed_reproducible_and_n_choices(client: openai.OpenAI) -> None:
 def test_penalties_and_developer_role_and_text_parts(client: openai.OpenAI) -> None:
     result = client.chat.completions.create(
         model=MODEL,
-        messages=[{"role": "developer", "content": "Answer briefly."},
-                  {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]}],
-        presence_penalty=1.0, frequency_penalty=0.5, max_tokens=10, temperature=0.7, user="someone",
+        messages=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+        ],
+        presence_penalty=1.0,
+        frequency_penalty=0.5,
+        max_tokens=10,
+        temperature=0.7,
+        user="someone",
         extra_body={"parallel_tool_calls": False, "some_future_field": {"x": 1}},
     )
     assert result.choices[0].message.content
 
 
 def test_logprobs(client: openai.OpenAI) -> None:
-    result = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=5,
-                                            logprobs=True, top_logprobs=3)
+    result = client.chat.completions.create(
+        model=MODEL, messages=QUESTION, temperature=0, max_tokens=5, logprobs=True, top_logprobs=3
+    )
     validate("CreateChatCompletionResponse", result.model_dump(exclude_unset=True))
     content = result.choices[0].logprobs.content  # type: ignore[union-attr]
     assert content and len(content) == result.usage.completion_tokens  # type: ignore[union-attr]
@@ -111,12 +134,22 @@ def test_logprobs(client: openai.OpenAI) -> None:
 
 
 def test_stream_chunks_follow_openai(gateway: Gateway) -> None:
-    body = {"model": MODEL, "messages": QUESTION, "temperature": 0, "max_tokens": 30, "stream": True,
-            "stream_options": {"include_usage": True}, "n": 2}
-    with gateway.client(gateway.token()) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+    body = {
+        "model": MODEL,
+        "messages": QUESTION,
+        "temperature": 0,
+        "max_tokens": 30,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "n": 2,
+    }
+    with (
+        gateway.client(gateway.token()) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
-        events = [line[len("data: "):] for line in response.iter_lines() if line.startswith("data: ")]
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
     for chunk in chunks:
@@ -137,8 +170,14 @@ def test_stream_chunks_follow_openai(gateway: Gateway) -> None:
 
 def test_sdk_stream_matches_non_stream(client: openai.OpenAI) -> None:
     full = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30)
-    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, temperature=0, max_tokens=30,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=MODEL,
+        messages=QUESTION,
+        temperature=0,
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, usage = "", None
     for chunk in stream:
         if chunk.choices:
@@ -152,8 +191,12 @@ def test_sdk_stream_matches_non_stream(client: openai.OpenAI) -> None:
 def test_async_client_concurrent_streams(async_client: openai.AsyncOpenAI) -> None:
     async def one(i: int) -> str:
         stream = await async_client.chat.completions.create(
-            model=MODEL, messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
-            temperature=0, max_tokens=24, stream=True)
+            model=MODEL,
+            messages=[{"role": "user", "content": f"Count from {i} to {i + 5}."}],
+            temperature=0,
+            max_tokens=24,
+            stream=True,
+        )
         return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
 
     async def main() -> list[str]:
@@ -164,9 +207,13 @@ def test_async_client_concurrent_streams(async_client: openai.AsyncOpenAI) -> No
 
 
 def test_legacy_completions(client: openai.OpenAI) -> None:
-    result = client.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0)
+    result = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     validate("CreateCompletionResponse", result.model_dump(exclude_unset=True))
     assert result.object == "text_completion" and result.choices[0].text
     assert result.usage is not None and result.usage.completion_tokens <= 8
-    chunks = list(client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks if c.choices)

@@ -1,0 +1,28 @@
+"""Keep bench/RESULTS.md current: each benchmark owns one section between markers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.python_version()}"
+
+
+def write_section(name: str, body: str) -> None:
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    stamp = f"_Measured {dt.date.today().isoformat()} on {machine()}._"
+    block = f"{start}\n{stamp}\n\n{body}\n{end}"
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        text = before + block + rest.split(end, 1)[1]
+    else:
+        text = text.rstrip() + f"\n\n## {name}\n\n{block}\n"
+    RESULTS.write_text(text)
