@@ -1,0 +1,225 @@
+"""The scheduler: continuous batching, aborts, back-pressure, n, seeds, stops — on a tiny random model that
+uses the real SmolLM2 tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from finetune.base_model import embedded_gguf
+from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
+from gateway.engine.local import LocalEngine
+from gateway.engine.sampling import SequenceSampler, sample_batch
+from gateway.errors import ContextLengthExceeded, NotFound, RateLimited
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("tiny-model")
+    gguf = embedded_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture
+def engine_factory(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
+    engines: list[LocalEngine] = []
+
+    def make(**kw: object) -> LocalEngine:
+        options: dict[str, object] = {"dtype": "float32", "max_model_len": 256, "threads": 1}
+        options.update(kw)
+        engine = LocalEngine(NAME, tiny_model_dir, **options)  # type: ignore[arg-type]
+        engine.start()
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.shutdown()
+
+
+def request(text: str = "Hello there", **sampling: object) -> GenerationRequest:
+    n = int(sampling.pop("n", 1))  # type: ignore[call-overload]
+    return GenerationRequest(
+        request_id="t",
+        model=NAME,
+        messages=(ChatMessage("user", text),),
+        sampling=SamplingParams(**sampling),
+        n=n,
+    )  # type: ignore[arg-type]
+
+
+async def collect(engine: LocalEngine, req: GenerationRequest) -> tuple[dict[int, str], dict[int, str], int]:
+    stream = await engine.submit(req)
+    texts: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    tokens = 0
+    async for delta in stream:
+        texts[delta.index] = texts.get(delta.index, "") + delta.text
+        tokens += delta.token_count
+        if delta.finish_reason:
+            finish[delta.index] = delta.finish_reason
+    return texts, finish, tokens
+
+
+def test_greedy_length_and_usage(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    texts, finish, tokens = asyncio.run(
+        collect(engine, request(max_tokens=12, temperature=0, ignore_eos=True))
+    )
+    assert finish == {0: "length"} and tokens == 12 and texts[0]
+
+
+def test_a_new_request_joins_the_running_batch(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+
+    async def scenario() -> tuple[float, float]:
+        long_stream = await engine.submit(request("long", max_tokens=120, temperature=0, ignore_eos=True))
+        seen = 0
+        long_done = 0.0
+        short_first = 0.0
+        running = asyncio.Event()
+
+        async def run_long() -> None:
+            nonlocal seen, long_done
+            async for _ in long_stream:
+                seen += 1
+                if seen == 5:
+                    running.set()
+            long_done = time.perf_counter()
+
+        task = asyncio.create_task(run_long())
+        await running.wait()
+        assert engine.stats().running == 1
+        short = await engine.submit(request("short", max_tokens=3, temperature=0, ignore_eos=True))
+        async for _ in short:
+            if not short_first:
+                short_first = time.perf_counter()
+        await task
+        return short_first, long_done
+
+    short_first, long_done = asyncio.run(scenario())
+    assert short_first < long_done  # it did not wait for the running request to finish
+
+
+def test_abort_frees_the_slot_within_a_step(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+
+    async def scenario() -> None:
+        stream = await engine.submit(request(max_tokens=200, temperature=0, ignore_eos=True))
+        async for _ in stream:
+            break
+        await stream.aclose()
+        for _ in range(200):
+            if engine.stats().running == 0:
+                return
+            await asyncio.sleep(0.005)
+        raise AssertionError("slot not freed")
+
+    asyncio.run(scenario())
+
+
+def test_queue_full_is_rate_limited(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory(max_running=1, max_queued=1)
+
+    async def scenario() -> None:
+        first = await engine.submit(request(max_tokens=100, temperature=0, ignore_eos=True))
+        async for _ in first:
+            break  # now running
+        second = await engine.submit(request(max_tokens=2))
+        with pytest.raises(RateLimited) as info:
+            await engine.submit(request(max_tokens=2))
+        assert info.value.headers["Retry-After"] == "1"
+        await first.aclose()
+        await second.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_seeded_sampling_is_reproducible_and_n_differs(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    params = {"max_tokens": 10, "temperature": 1.0, "seed": 7, "n": 2, "ignore_eos": True}
+    first = asyncio.run(collect(engine, request(**params)))[0]
+    second = asyncio.run(collect(engine, request(**params)))[0]
+    assert first == second and set(first) == {0, 1}
+    assert first[0] != first[1]
+
+
+def test_greedy_output_does_not_depend_on_batch_company(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    alone = asyncio.run(collect(engine, request("alpha", max_tokens=16, temperature=0, ignore_eos=True)))[0]
+
+    async def together() -> list[dict[int, str]]:
+        results = await asyncio.gather(
+            *(
+                collect(engine, request(t, max_tokens=16, temperature=0, ignore_eos=True))
+                for t in ("alpha", "beta", "gamma delta", "e")
+            )
+        )
+        return [r[0] for r in results]
+
+    assert asyncio.run(together())[0] == alone
+
+
+def test_context_and_adapter_errors(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(collect(engine, request("word " * 300)))
+    with pytest.raises(ContextLengthExceeded):
+        asyncio.run(collect(engine, request(max_tokens=255)))
+    missing = GenerationRequest(request_id="t", model=NAME, prompt="x", adapter="nope")
+    with pytest.raises(NotFound):
+        asyncio.run(collect(engine, missing))
+
+
+def test_stop_matcher_holds_back_partial_matches() -> None:
+    stops = StopMatcher(("STOP", "end."))
+    assert stops.feed("hello ST") == ("hello ", False)
+    assert stops.feed("OR") == ("STOR", False)
+    assert stops.feed(" the en") == (" the ", False)
+    assert stops.feed("d. more") == ("", True)
+    assert StopMatcher(()).feed("anything") == ("anything", False)
+    tail = StopMatcher(("xyz",))
+    assert tail.feed("abx") == ("ab", False) and tail.flush() == "x"
+
+
+def test_incremental_detokenizer_rebuilds_the_text(tiny_model_dir: Path) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    text = "Grüße aus Zürich — 你好, naïve café!"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    detok = IncrementalDetokenizer(tokenizer)
+    assert "".join(detok.push(i) for i in ids) == text
+
+
+def test_sampling_penalties_top_p_and_logprobs() -> None:
+    logits = torch.tensor([[0.0, 5.0, 4.9, -1.0]])
+    greedy = SequenceSampler(SamplingParams(temperature=0, logprobs=True, top_logprobs=2))
+    result = sample_batch(logits, [greedy])
+    assert result.token_ids == [1] and result.top is not None and [t for t, _ in result.top[0]] == [1, 2]
+    penalised = SequenceSampler(SamplingParams(temperature=0, frequency_penalty=2.0))
+    penalised.generated = [1]
+    assert sample_batch(logits, [penalised]).token_ids == [2]
+    narrow = SequenceSampler(SamplingParams(temperature=1.0, top_p=0.01, seed=3))
+    assert {sample_batch(logits, [narrow]).token_ids[0] for _ in range(20)} == {1}
