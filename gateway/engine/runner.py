@@ -172,6 +172,8 @@ class ModelRunner:
         dec_slots = torch.tensor(batch.decode_slots, dtype=torch.long, device=self.device)
         dec_pos = pos[:n_dec]
         dec_mask = self._decode_mask(dec_pos) if n_dec else None
+        # running slots are kept dense by the scheduler, so the cache rows are usually a view, not a gather
+        dense = batch.decode_slots == list(range(n_dec))
 
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps).to(self.dtype)
@@ -198,7 +200,7 @@ class ModelRunner:
             if dec_mask is not None:
                 k_cache[dec_slots, :, dec_pos] = k[:n_dec]
                 v_cache[dec_slots, :, dec_pos] = v[:n_dec]
-                attn[:n_dec] = self._decode_attention(q[:n_dec], k_cache, v_cache, dec_slots, dec_mask)
+                attn[:n_dec] = self._decode_attention(q[:n_dec], k_cache, v_cache, dec_slots, dec_mask, dense)
             offset = n_dec
             for seg in batch.prefills:
                 end = offset + len(seg.token_ids)
@@ -249,12 +251,11 @@ class ModelRunner:
         v_cache: torch.Tensor,
         slots: torch.Tensor,
         mask: torch.Tensor,
+        dense: bool,
     ) -> torch.Tensor:
         length = mask.shape[-1]
-        n = q.shape[0]
-        dense = bool(n == int(slots[-1]) + 1 and int(slots[0]) == 0)
-        if dense:  # running slots are kept dense, so this is a view, not a copy
-            keys, values = k_cache[:n, :, :length], v_cache[:n, :, :length]
+        if dense:
+            keys, values = k_cache[: q.shape[0], :, :length], v_cache[: q.shape[0], :, :length]
         else:
             keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
         out = F.scaled_dot_product_attention(
