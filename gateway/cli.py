@@ -46,10 +46,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.auth.keys import ensure_dev_keys
+    from gateway.egress import install_from_settings
     from gateway.logs import configure_logging
 
     settings = _settings(args)
     configure_logging(settings.server.log_level)
+    # Before anything loads a model or opens a client: nothing past loopback and privacy.egress_allow.
+    guard = install_from_settings(settings)
     ensure_private_dir(settings.data_path)
     ensure_dev_keys(settings)
     server = settings.server
@@ -70,6 +73,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # the audit log records every request; access logs would duplicate it
         server_header=False,
         timeout_graceful_shutdown=10,
+        # uvloop opens sockets in C, out of the guard's reach; the asyncio loop goes through `socket`.
+        loop="asyncio" if guard is not None else "auto",
         **tls,  # type: ignore[arg-type]
     )
     config.load()

@@ -119,6 +119,16 @@ class PrivacySettings:
     master_key_env: str = _f(
         "GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file."
     )
+    block_egress: bool = _f(
+        True,
+        "Refuse, in-process, every outbound connection and DNS lookup past loopback and egress_allow "
+        "(`gateway serve` and the fine-tuning worker). Keep a host firewall too.",
+    )
+    egress_allow: list[str] = _f(
+        [],
+        "Extra destinations when block_egress is on: IPs, CIDRs (10.20.0.0/16) or exact host names "
+        "(an intranet IdP, a vLLM backend). Comma- or space-separated in the environment.",
+    )
 
 
 @dataclass(frozen=True)
