@@ -27,6 +27,7 @@ from gateway.auth.tokens import TokenVerifier
 from gateway.encryption import cipher_from_settings
 from gateway.engine.base import Engine
 from gateway.private_files import ensure_private_dir
+from gateway.routes.audit import list_audit_records
 from gateway.routes.chat import ChatController
 from gateway.routes.errors import EXCEPTION_HANDLERS
 from gateway.routes.health import healthz, readyz
@@ -101,6 +102,7 @@ def create_app(
         {
             "settings": settings,
             "data_dir": data_dir,
+            "audit_log": audit_log,
             "verifier": verifier,
             "registry": registry,
             "chat": ChatService(registry, settings.limits),
@@ -110,7 +112,7 @@ def create_app(
         }
     )
     config = AppConfig(
-        route_handlers=[healthz, readyz, ChatController, ModelsController],
+        route_handlers=[healthz, readyz, ChatController, ModelsController, list_audit_records],
         guards=[authorize, apply_limits],
         dependencies={
             "registry": Provide(lambda: registry, sync_to_thread=False),

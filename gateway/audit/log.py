@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -60,6 +60,7 @@ __all__ = [
     "AuditChainBroken",
     "AuditLog",
     "AuditLogBusy",
+    "AuditPage",
     "open_audit_log",
     "read_key",
     "sanitize_record",
@@ -155,6 +156,47 @@ def _verified_record(line: bytes, key: bytes) -> dict[str, Any] | None:
     if not isinstance(mac, str) or not isinstance(prev, str):
         return None
     return record if hmac.compare_digest(mac, record_mac(key, record)) else None
+
+
+def _line_seq(raw: bytes) -> int | None:
+    try:
+        seq = json.loads(raw).get("seq") if raw.endswith(b"\n") else None
+    except (ValueError, AttributeError):
+        return None
+    return seq if isinstance(seq, int) else None
+
+
+def _first_line_after(fh: BinaryIO, size: int, after_seq: int) -> int:
+    """An offset at or before the first line whose seq > after_seq, found by bisection.
+
+    Invariants: `lo` is a line start and every line before it has seq <= after_seq; every line starting
+    at or after `hi` has seq > after_seq.  Anything unexpected stops the search early; the caller reads
+    forward from `lo` and skips, so the answer is only ever less sharp, never wrong.
+    """
+    lo, hi = 0, size
+    while hi - lo > 8192:
+        mid = (lo + hi) // 2
+        fh.seek(mid - 1)
+        fh.readline()  # to the first line start at or after mid
+        start = fh.tell()
+        if start >= hi:
+            break
+        raw = fh.readline()
+        seq = _line_seq(raw)
+        if seq is None:
+            break
+        if seq <= after_seq:
+            lo = start + len(raw)
+        else:
+            hi = start
+    return lo
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    records: list[dict[str, Any]]
+    has_more: bool
+    last_seq: int  # of the last record in `records`; the `after_seq` asked for when it is empty
 
 
 @dataclass
@@ -299,9 +341,19 @@ class AuditLog:
         self, after_seq: int = 0, limit: int = 100, tenant: str | None = None
     ) -> list[dict[str, Any]]:
         """Records with seq > after_seq (optionally one tenant's), oldest first, at most `limit` (<= 1000)."""
+        return self.page(after_seq, limit, tenant).records
+
+    def page(self, after_seq: int = 0, limit: int = 100, tenant: str | None = None) -> AuditPage:
+        """Like read_page, plus whether more (matching) records follow.  Blocking file I/O.
+
+        Seeks to `after_seq` by bisecting the file (line N holds seq N, so seq order is file order), then
+        reads forward: a page costs O(log size + page) unless a tenant filter has to skip other tenants.
+        """
         limit = max(1, min(limit, MAX_PAGE))
-        page: list[dict[str, Any]] = []
+        records: list[dict[str, Any]] = []
+        has_more = False
         with open(self.path, "rb") as fh:
+            fh.seek(_first_line_after(fh, os.fstat(fh.fileno()).st_size, after_seq))
             for raw in fh:
                 if not raw.endswith(b"\n"):
                     break  # an append in progress
@@ -310,10 +362,11 @@ class AuditLog:
                     tenant is not None and record.get("tenant") != tenant
                 ):
                     continue
-                page.append(record)
-                if len(page) >= limit:
+                if len(records) >= limit:
+                    has_more = True
                     break
-        return page
+                records.append(record)
+        return AuditPage(records, has_more, records[-1]["seq"] if records else after_seq)
 
     def close(self) -> None:
         with self._cond:
