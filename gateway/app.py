@@ -26,13 +26,18 @@ from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.tokens import TokenVerifier
 from gateway.encryption import cipher_from_settings
 from gateway.engine.base import Engine
+from gateway.metrics import GatewayMetrics
 from gateway.private_files import ensure_private_dir
 from gateway.routes.audit import list_audit_records
 from gateway.routes.chat import ChatController
 from gateway.routes.errors import EXCEPTION_HANDLERS
+from gateway.routes.files import FilesController
+from gateway.routes.fine_tuning import FineTuningController
 from gateway.routes.health import healthz, readyz
+from gateway.routes.metrics import metrics_route
 from gateway.routes.models import ModelsController
 from gateway.serving.chat import ChatService
+from gateway.serving.finetuned import FineTuningServices
 from gateway.serving.registry import ModelRegistry
 from gateway.settings import Settings
 
@@ -84,6 +89,10 @@ def create_app(
     verifier = TokenVerifier.from_settings(settings) if settings.auth.enabled else None
     registry = ModelRegistry(engines or {}, engine_starter=factory, base_models=_base_model_names(settings))
     background: set[asyncio.Task[Any]] = set()
+    state = State()
+    cipher = cipher_from_settings(settings)
+    fine_tuning = FineTuningServices(settings, registry, cipher)  # the store, files, jobs, hot-load bridge
+    metrics = GatewayMetrics(engines=registry.engines, store=lambda: state.get("store"))
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -91,32 +100,48 @@ def create_app(
             task = asyncio.create_task(_start_default(registry, settings.models.default))
             background.add(task)
             task.add_done_callback(background.discard)
+        await fine_tuning.start()
         try:
             yield
         finally:
+            await fine_tuning.close()
             for engine in registry.engines():
                 await asyncio.to_thread(engine.shutdown)
             audit_log.close()
 
-    state = State(
+    state.update(
         {
+            "metrics": metrics,
             "settings": settings,
             "data_dir": data_dir,
             "audit_log": audit_log,
             "verifier": verifier,
             "registry": registry,
-            "chat": ChatService(registry, settings.limits),
+            "chat": ChatService(registry, settings.limits, metrics),
             "rate_limiter": RateLimiter(settings.limits.requests_per_minute),
             "tenant_limiter": ConcurrencyLimiter(settings.limits.tenant_concurrency),
-            "cipher": cipher_from_settings(settings),
+            "cipher": cipher,
+            "store": fine_tuning.store,
+            "model_remover": fine_tuning.models.remove,
         }
     )
     config = AppConfig(
-        route_handlers=[healthz, readyz, ChatController, ModelsController, list_audit_records],
+        route_handlers=[
+            healthz,
+            readyz,
+            metrics_route(settings),
+            ChatController,
+            ModelsController,
+            list_audit_records,
+            FilesController,
+            FineTuningController,
+        ],
         guards=[authorize, apply_limits],
         dependencies={
             "registry": Provide(lambda: registry, sync_to_thread=False),
             "chat": Provide(lambda: state["chat"], sync_to_thread=False),
+            "files": Provide(lambda: fine_tuning.files, sync_to_thread=False),
+            "jobs": Provide(lambda: fine_tuning.jobs, sync_to_thread=False),
         },
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=[lifespan],
@@ -126,7 +151,7 @@ def create_app(
         debug=False,
     )
     app = Litestar.from_config(config)
-    return AuditMiddleware(app, audit_log)
+    return AuditMiddleware(app, audit_log, append=metrics.observing(audit_log.append))
 
 
 async def _start_default(registry: ModelRegistry, name: str) -> None:

@@ -14,9 +14,10 @@ from gateway.auth.principal import Principal
 from gateway.engine.base import ChatMessage, GenerationRequest, GenerationStream, SamplingParams
 from gateway.engine.base import TokenLogprob as EngineLogprob
 from gateway.errors import GatewayError, InvalidRequest
+from gateway.metrics import GatewayMetrics
 from gateway.protocol import chat as p
 from gateway.protocol import completions as pc
-from gateway.serving.registry import ModelRegistry
+from gateway.serving.registry import ModelEntry, ModelRegistry
 from gateway.settings import LimitSettings
 
 __all__ = ["ChatService", "UsageSink"]
@@ -37,16 +38,21 @@ class _Accumulated:
 
 
 class ChatService:
-    def __init__(self, registry: ModelRegistry, limits: LimitSettings) -> None:
+    def __init__(
+        self, registry: ModelRegistry, limits: LimitSettings, metrics: GatewayMetrics | None = None
+    ) -> None:
         self._registry = registry
         self._limits = limits
+        self._metrics = metrics
 
     # -- chat --------------------------------------------------------------------------------------------
 
     async def chat(
         self, req: p.ChatCompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
     ) -> p.ChatCompletion | AsyncIterator[bytes]:
+        started = time.perf_counter()
         engine, entry = await self._registry.engine_for(req.model, principal)
+        on_usage, on_first_token = self._observed(entry, on_usage, started)
         max_tokens = req.max_completion_tokens or req.max_tokens
         sampling = self._sampling(
             req, max_tokens, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0
@@ -69,7 +75,7 @@ class ChatService:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._chat_chunks(
-                stream, completion_id, created, req.model, req.n or 1, include_usage, on_usage
+                stream, completion_id, created, req.model, req.n or 1, include_usage, on_usage, on_first_token
             )
         results = await _collect(stream, req.n or 1)
         completion_tokens = sum(r.tokens for r in results)
@@ -101,6 +107,7 @@ class ChatService:
         n: int,
         include_usage: bool,
         on_usage: UsageSink,
+        on_first_token: Callable[[], None],
     ) -> AsyncIterator[bytes]:
         def chunk(
             choices: list[p.ChunkChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
@@ -119,6 +126,7 @@ class ChatService:
             async for delta in stream:
                 completion_tokens += delta.token_count
                 if delta.text or delta.logprobs:
+                    on_first_token()
                     logprobs = (
                         p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
                     )
@@ -147,7 +155,9 @@ class ChatService:
     async def complete(
         self, req: pc.CompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
     ) -> pc.Completion | AsyncIterator[bytes]:
+        started = time.perf_counter()
         engine, entry = await self._registry.engine_for(req.model, principal)
+        on_usage, on_first_token = self._observed(entry, on_usage, started)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
         sampling = self._sampling(
             req, req.max_tokens, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0
@@ -168,7 +178,7 @@ class ChatService:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return self._completion_chunks(
-                stream, completion_id, created, req.model, echo, include_usage, on_usage
+                stream, completion_id, created, req.model, echo, include_usage, on_usage, on_first_token
             )
         results = await _collect(stream, req.n or 1)
         completion_tokens = sum(r.tokens for r in results)
@@ -198,6 +208,7 @@ class ChatService:
         echo: str,
         include_usage: bool,
         on_usage: UsageSink,
+        on_first_token: Callable[[], None],
     ) -> AsyncIterator[bytes]:
         def chunk(
             choices: list[pc.CompletionChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
@@ -212,6 +223,8 @@ class ChatService:
         try:
             async for delta in stream:
                 completion_tokens += delta.token_count
+                if delta.text:
+                    on_first_token()
                 prefix = echo if delta.index not in echoed else ""
                 echoed.add(delta.index)
                 yield chunk(
@@ -234,6 +247,27 @@ class ChatService:
             await stream.aclose()
 
     # -- shared ------------------------------------------------------------------------------------------
+
+    def _observed(
+        self, entry: ModelEntry, on_usage: UsageSink, started: float
+    ) -> tuple[UsageSink, Callable[[], None]]:
+        """Metrics hooks: the usage sink also counts tokens; a once-only time-to-first-token timer."""
+        metrics = self._metrics
+        if metrics is None:
+            return on_usage, lambda: None
+        model, kind = entry.base, "base" if entry.is_base else "fine_tuned"  # never the tenant's model id
+        first: list[float] = []
+
+        def usage(prompt_tokens: int, completion_tokens: int) -> None:
+            on_usage(prompt_tokens, completion_tokens)
+            metrics.observe_usage(model, kind, prompt_tokens, completion_tokens)
+
+        def first_token() -> None:
+            if not first:
+                first.append(time.perf_counter() - started)
+                metrics.observe_first_token(model, kind, first[0])
+
+        return usage, first_token
 
     def _sampling(
         self,
