@@ -4,6 +4,7 @@ gateway serve              run the HTTPS gateway (and a fine-tuning worker unles
 gateway prepare            convert the configured GGUF base models once and create dev keys
 gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
 gateway keys               create a signing key pair (ed25519 | rsa | ec)
+gateway chat               interactive chat with a running gateway (streams; /help inside)
 gateway audit verify       check the audit log's hash chain; names the first bad line
 gateway config-reference   print every setting with its default and help (Markdown)
 """
@@ -136,6 +137,12 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from gateway.chat_cli import run
+
+    return run(args)
+
+
 def cmd_config_reference(args: argparse.Namespace) -> int:
     print("| setting | environment variable | default | meaning |\n|---|---|---|---|")
     for name, default, _kind, help_text in iter_fields():
@@ -170,6 +177,12 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--out", default=".")
     keys.add_argument("--name", default="jwt")
     keys.set_defaults(func=cmd_keys)
+
+    from gateway.chat_cli import add_arguments as add_chat_arguments
+
+    chat = sub.add_parser("chat", help="interactive chat with a running gateway")
+    add_chat_arguments(chat)
+    chat.set_defaults(func=cmd_chat)
 
     audit = sub.add_parser("audit", help="audit log tools")
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
