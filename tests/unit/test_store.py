@@ -1,4 +1,4 @@
-"""The SQLite store: schema and migrations, tenancy in lookups, pagination, and the job queue's claim/lease."""
+"""The SQLite store: schema, migrations, tenancy in lookups, pagination, the job queue's claim and lease."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import sqlite3
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from gateway.store.db import DB_FILENAME, MIGRATIONS
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
+def store(tmp_path: Path) -> Iterator[Store]:
     s = Store.open(tmp_path)
     yield s
     s.close()
@@ -64,8 +65,8 @@ def test_database_is_private_wal_and_migrated_once(tmp_path: Path) -> None:
     assert len(second.files.list_page(None).items) == 1
     path = tmp_path / DB_FILENAME
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert second.db.one("PRAGMA journal_mode")[0] == "wal"
-    assert second.db.one("PRAGMA user_version")[0] == len(MIGRATIONS)
+    assert second.db.query("PRAGMA journal_mode")[0][0] == "wal"
+    assert second.db.query("PRAGMA user_version")[0][0] == len(MIGRATIONS)
     first.close()
     second.close()
 
@@ -170,7 +171,7 @@ def test_concurrent_claims_from_separate_connections_never_share_a_job(tmp_path:
         own = Store.open(tmp_path)  # its own connection, as a separate process would have
         barrier.wait()
         got: list[str] = []
-        # a fresh worker id per claim: a worker reclaims jobs running under its own id (its dead predecessor's)
+        # a fresh id per claim: a worker reclaims jobs running under its own id (its dead predecessor's)
         while (job := own.jobs.claim(f"{name}-{len(got)}", now=time.time(), lease_seconds=30)) is not None:
             got.append(job.id)
         claimed[name] = got

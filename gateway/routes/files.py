@@ -1,0 +1,183 @@
+"""POST/GET /v1/files, GET/DELETE /v1/files/{id}, GET /v1/files/{id}/content.
+
+The upload handler parses multipart/form-data itself, incrementally, so the file part goes straight from the
+socket into a private staging file under the size limit instead of into memory or the system temp dir.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from litestar import Controller, Request, Response, delete, get, post
+from litestar.di import NamedDependency
+from litestar.params import FromPath
+from litestar.response import Stream
+from multipart import MultipartError, MultipartSegment, PushMultipartParser
+
+from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.protocol.files import DeletedFile, FileList, FileObject
+from gateway.routes.context import principal_of, set_audit
+from gateway.serving.files import FileService, Upload
+from gateway.store import FileRecord
+
+__all__ = ["FilesController", "query_int", "query_str"]
+
+_FIELD_LIMIT = 4096  # bytes of a non-file form field (purpose, ...)
+_FORM_OVERHEAD = 64 * 1024  # multipart headers and small fields on top of the file itself
+
+
+def query_str(
+    request: Request[Any, Any, Any], name: str, *, choices: tuple[str, ...] | None = None
+) -> str | None:
+    value = request.query_params.get(name)
+    if value is not None and choices is not None and value not in choices:
+        raise InvalidRequest(f"Invalid value for '{name}': expected one of {', '.join(choices)}.", param=name)
+    return value
+
+
+def query_int(request: Request[Any, Any, Any], name: str, *, default: int, minimum: int, maximum: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
+    if not minimum <= value <= maximum:
+        raise InvalidRequest(
+            f"Invalid value for '{name}': must be between {minimum} and {maximum}.", param=name
+        )
+    return value
+
+
+def file_object(record: FileRecord) -> FileObject:
+    return FileObject(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        filename=record.filename,
+        purpose=record.purpose,
+    )
+
+
+async def _read_form(
+    body: AsyncIterator[bytes], boundary: str, upload: Upload
+) -> tuple[dict[str, str], str | None]:
+    """Stream a multipart body: the `file` part into `upload`, other small fields into a dict."""
+    fields: dict[str, str] = {}
+    filename: str | None = None
+    segment: MultipartSegment | None = None
+    value = bytearray()
+    try:
+        parser = PushMultipartParser(boundary, max_segment_count=32)
+        async for chunk in body:
+            for event in parser.parse(chunk):  # the request stream ends with b"", which closes the parser
+                if isinstance(event, MultipartSegment):
+                    segment, value = event, bytearray()
+                    if segment.name == "file":
+                        if filename is not None:
+                            raise InvalidRequest("Send exactly one 'file' part.", param="file")
+                        filename = segment.filename or "upload"
+                elif event and segment is not None:
+                    if segment.name == "file":
+                        upload.write(event)
+                    else:
+                        value += event
+                        if len(value) > _FIELD_LIMIT:
+                            raise InvalidRequest(
+                                f"The form field '{segment.name}' is too long.", param=segment.name
+                            )
+                elif segment is not None:
+                    if segment.name != "file":
+                        fields[segment.name] = value.decode("utf-8", errors="replace")
+                    segment = None
+        if not parser.closed:
+            raise InvalidRequest("The multipart/form-data body ended before its closing boundary.")
+    except MultipartError as exc:
+        raise InvalidRequest(f"The request body is not valid multipart/form-data: {exc}") from None
+    return fields, filename
+
+
+class FilesController(Controller):
+    path = "/v1/files"
+
+    @post(
+        "/",
+        status_code=200,
+        request_max_body_size=None,
+        opt={"scope": "files:write", "action": "file.upload"},
+    )
+    async def upload(
+        self, request: Request[Any, Any, Any], files: NamedDependency[FileService]
+    ) -> FileObject:
+        principal = principal_of(request)
+        content_type, options = request.content_type
+        boundary = options.get("boundary")
+        if content_type != "multipart/form-data" or not boundary:
+            raise InvalidRequest(
+                "Upload files as multipart/form-data with a 'file' part and a 'purpose' field."
+            )
+        length = request.content_length
+        if length is not None and length > files.max_upload_bytes + _FORM_OVERHEAD:
+            raise PayloadTooLarge(
+                f"The file is larger than this server's limit of {files.max_upload_bytes} bytes.",
+                param="file",
+            )
+        upload = files.receive()
+        try:
+            fields, filename = await _read_form(request.stream(), boundary, upload)
+            record = await files.create(
+                principal, purpose=fields.get("purpose"), filename=filename, upload=upload
+            )
+        finally:
+            upload.discard()
+        set_audit(request, resource_id=record.id)
+        return file_object(record)
+
+    @get("/", sync_to_thread=True, opt={"scope": "files:read", "action": "file.list"})
+    def list_files(self, request: Request[Any, Any, Any], files: NamedDependency[FileService]) -> FileList:
+        result = files.list(
+            principal_of(request),
+            purpose=query_str(request, "purpose"),
+            after=query_str(request, "after"),
+            limit=query_int(request, "limit", default=10_000, minimum=1, maximum=10_000),
+            order=query_str(request, "order", choices=("asc", "desc")) or "desc",
+        )
+        data = [file_object(r) for r in result.items]
+        return FileList(
+            data=data,
+            has_more=result.has_more,
+            first_id=data[0].id if data else "",
+            last_id=data[-1].id if data else "",
+        )
+
+    @get("/{file_id:str}", sync_to_thread=True, opt={"scope": "files:read", "action": "file.retrieve"})
+    def retrieve(
+        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+    ) -> FileObject:
+        set_audit(request, resource_id=file_id)
+        return file_object(files.get(principal_of(request), file_id))
+
+    @delete(
+        "/{file_id:str}",
+        status_code=200,
+        sync_to_thread=True,
+        opt={"scope": "files:write", "action": "file.delete"},
+    )
+    def delete_file(
+        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+    ) -> DeletedFile:
+        set_audit(request, resource_id=file_id)
+        files.delete(principal_of(request), file_id)
+        return DeletedFile(id=file_id, deleted=True)
+
+    @get("/{file_id:str}/content", sync_to_thread=True, opt={"scope": "files:read", "action": "file.content"})
+    def content(
+        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+    ) -> Response[Any]:
+        set_audit(request, resource_id=file_id)
+        record, chunks = files.content(principal_of(request), file_id)
+        return Stream(
+            chunks, media_type="application/octet-stream", headers={"Content-Length": str(record.bytes)}
+        )

@@ -1,0 +1,260 @@
+"""Files: uploads streamed to disk, validated as training data, stored private (0600), optionally encrypted.
+
+An upload is written to a staging file in `<data_dir>/tmp/` while it arrives (never buffered in memory, never
+in the system temp dir), checked against the size limit chunk by chunk, validated with finetune.data, and only
+then moved (or encrypted) to `<data_dir>/files/<id>` and recorded.  Whatever fails on the way, the staging
+file is removed and nothing is recorded.  `FileStorage` is the part the worker shares: reading a file back in
+plaintext and storing the files a job produces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import structlog
+
+from gateway.auth.principal import Principal
+from gateway.encryption import Cipher
+from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.private_files import ensure_private_dir, fsync_dir
+from gateway.protocol.files import UPLOAD_PURPOSES
+from gateway.store import ACTIVE, FileRecord, Page, Store, new_id
+
+__all__ = ["FileService", "FileStorage", "Upload", "file_not_found"]
+
+log = structlog.get_logger(__name__)
+
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
+_STALE_SECONDS = 3600
+
+
+def file_not_found(file_id: str, param: str | None = None) -> NotFound:
+    return NotFound(f"No such File object: {file_id}", param=param, code="file_not_found")
+
+
+class Upload:
+    """A staging file receiving one upload; `write` raises PayloadTooLarge past `limit` bytes."""
+
+    def __init__(self, directory: Path, limit: int) -> None:
+        fd, name = tempfile.mkstemp(prefix="upload-", dir=ensure_private_dir(directory))
+        self.path = Path(name)
+        self._fh: BinaryIO = os.fdopen(fd, "wb")
+        self.limit = limit
+        self.size = 0
+
+    def write(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > self.limit:
+            raise PayloadTooLarge(
+                f"The file is larger than this server's limit of {self.limit} bytes.", param="file"
+            )
+        self._fh.write(chunk)
+
+    def finish(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+
+    def discard(self) -> None:
+        self._fh.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+class FileStorage:
+    """Where file bodies live and how they are written and read back (shared by the gateway and workers)."""
+
+    def __init__(self, store: Store, cipher: Cipher, data_dir: Path) -> None:
+        self.store = store
+        self.cipher = cipher
+        self.data_dir = data_dir
+        self.files_dir = data_dir / "files"
+        self.tmp_dir = data_dir / "tmp"
+
+    def path_of(self, record: FileRecord) -> Path:
+        return self.data_dir / record.path
+
+    def commit(self, plain: Path, record: FileRecord) -> FileRecord:
+        """Move (or encrypt) the plaintext file `plain` into place and record it; all or nothing."""
+        target = self.data_dir / record.path
+        ensure_private_dir(target.parent)
+        try:
+            if self.cipher.enabled:
+                with open(plain, "rb") as src:
+                    self.cipher.encrypt_stream(src, target)
+            else:
+                os.chmod(plain, 0o600)
+                os.replace(plain, target)
+                fsync_dir(target.parent)
+            return self.store.files.add(record)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                target.unlink()
+            raise
+
+    def save_bytes(self, *, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
+        """Store a file a job produced (the metrics CSV)."""
+        fd, name = tempfile.mkstemp(prefix="result-", dir=ensure_private_dir(self.tmp_dir))
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            file_id = new_id("file-")
+            record = FileRecord(
+                id=file_id,
+                tenant=tenant,
+                filename=filename,
+                purpose=purpose,
+                bytes=len(data),
+                created_at=int(time.time()),
+                path=f"files/{file_id}",
+            )
+            return self.commit(Path(name), record)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+
+    def decrypt_to(self, record: FileRecord, target: Path) -> None:
+        """The file's plaintext at `target` (0600); raises TamperedError if it was altered."""
+        self.cipher.decrypt_to(self.path_of(record), target)
+
+    def chunks(self, record: FileRecord) -> Iterator[bytes]:
+        return self.cipher.open_decrypted(self.path_of(record))
+
+    def remove(self, record: FileRecord) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            self.path_of(record).unlink()
+
+    def sweep(self) -> int:
+        """Remove leftovers of uploads cut off by a crash: stale staging files, and bodies with no record."""
+        removed, cutoff = 0, time.time() - _STALE_SECONDS
+        known = {Path(p).name for p in self.store.files.all_paths()}
+        for directory, keep in ((self.tmp_dir, set()), (self.files_dir, known)):
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                if path.is_file() and path.name not in keep and path.stat().st_mtime < cutoff:
+                    path.unlink(missing_ok=True)
+                    removed += 1
+        return removed
+
+
+class FileService:
+    """The Files API for one tenant at a time; every lookup is scoped to the caller's tenant."""
+
+    def __init__(self, storage: FileStorage, *, max_upload_bytes: int, max_train_rows: int) -> None:
+        self.storage = storage
+        self.store = storage.store
+        self.max_upload_bytes = max_upload_bytes
+        self.max_train_rows = max_train_rows
+
+    def receive(self) -> Upload:
+        return Upload(self.storage.tmp_dir, self.max_upload_bytes)
+
+    async def create(
+        self, principal: Principal, *, purpose: str | None, filename: str | None, upload: Upload
+    ) -> FileRecord:
+        """Validate and keep a received upload.  The caller discards `upload` whatever happens."""
+        if purpose is None:
+            raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
+        if purpose not in UPLOAD_PURPOSES:
+            raise InvalidRequest(
+                f"Invalid value for 'purpose': {purpose!r}; this server accepts "
+                f"{', '.join(UPLOAD_PURPOSES)}.",
+                param="purpose",
+            )
+        if filename is None:
+            raise InvalidRequest(
+                "Missing required parameter: 'file' (send it as a multipart file part).", param="file"
+            )
+        upload.finish()
+        if upload.size == 0:
+            raise InvalidRequest("The uploaded file is empty.", param="file")
+        stats = await asyncio.to_thread(self._validate, upload.path)
+        file_id = new_id("file-")
+        record = FileRecord(
+            id=file_id,
+            tenant=principal.tenant,
+            filename=_clean_name(filename),
+            purpose=purpose,
+            bytes=upload.size,
+            created_at=int(time.time()),
+            path=f"files/{file_id}",
+            rows=stats[0],
+            format=stats[1],
+        )
+        await asyncio.to_thread(self.storage.commit, upload.path, record)
+        log.info("file.stored", file_id=file_id, bytes=upload.size, rows=stats[0], format=stats[1])
+        return record
+
+    def _validate(self, path: Path) -> tuple[int, str]:
+        from finetune.data import DataError, validate_file
+
+        try:
+            stats = validate_file(path, max_rows=self.max_train_rows)
+        except DataError as exc:
+            line = getattr(exc, "line", None)
+            reason = getattr(exc, "reason", str(exc))
+            where = f"line {line}: " if line else ""
+            raise InvalidRequest(
+                f"Invalid training file: {where}{reason}", param="file", code="invalid_file_format"
+            ) from None
+        return int(stats.rows), str(stats.format)
+
+    def get(self, principal: Principal, file_id: str, *, param: str | None = None) -> FileRecord:
+        record = self.store.files.get(file_id, None if principal.is_admin else principal.tenant)
+        if record is None:
+            raise file_not_found(file_id, param)
+        return record
+
+    def list(
+        self, principal: Principal, *, purpose: str | None, after: str | None, limit: int, order: str
+    ) -> Page[FileRecord]:
+        return self.store.files.list_page(
+            None if principal.is_admin else principal.tenant,
+            purpose=purpose,
+            after=after,
+            limit=limit,
+            newest_first=order == "desc",
+        )
+
+    def delete(self, principal: Principal, file_id: str) -> FileRecord:
+        record = self.get(principal, file_id)
+        for job in self.store.jobs.with_status(ACTIVE):
+            if file_id in (job.training_file, job.validation_file):
+                raise Conflict(
+                    f"File {file_id} is used by fine-tuning job {job.id}, which is {job.status}; "
+                    "cancel the job or wait for it to finish first.",
+                    param="file_id",
+                    code="file_in_use",
+                )
+        self.store.files.delete(file_id)
+        self.storage.remove(record)
+        log.info("file.deleted", file_id=file_id)
+        return record
+
+    def content(self, principal: Principal, file_id: str) -> tuple[FileRecord, Iterator[bytes]]:
+        record = self.get(principal, file_id)
+        if not self.storage.path_of(record).is_file():
+            raise file_not_found(file_id)
+        return record, self.storage.chunks(record)
+
+
+def _clean_name(filename: str) -> str:
+    """The client's file name, as metadata only (never a path): base name, no control characters."""
+    name = _UNSAFE_NAME.sub("_", filename.replace("\\", "/").rsplit("/", 1)[-1]).strip() or "upload"
+    return name[:255]
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)

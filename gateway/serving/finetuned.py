@@ -1,0 +1,155 @@
+"""The hot-load bridge: fine-tuned models written by worker processes become servable in this gateway.
+
+Workers add a row to the store's `models` table once an adapter directory is complete on disk (a job's final
+adapter, or a checkpoint).  This bridge registers every existing row at start-up (loaded lazily on first use)
+and then polls for rows past the last one it saw, a few times a second, loading a new final adapter into its
+engine at once so the first chat with it does not wait.  Adapters encrypted at rest are decrypted into a
+private temporary directory just long enough for the engine to read them (`open_adapter`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import structlog
+
+from gateway.encryption import Cipher
+from gateway.errors import GatewayError
+from gateway.private_files import ensure_private_dir
+from gateway.serving.files import FileService, FileStorage
+from gateway.serving.jobs import JobService
+from gateway.serving.registry import ModelEntry, ModelRegistry
+from gateway.settings import Settings
+from gateway.store import ModelRecord, Store
+
+__all__ = ["FineTunedModels", "FineTuningServices"]
+
+log = structlog.get_logger(__name__)
+
+
+class FineTunedModels:
+    def __init__(
+        self,
+        store: Store,
+        registry: ModelRegistry,
+        cipher: Cipher,
+        data_dir: Path,
+        *,
+        poll_seconds: float = 0.25,
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.cipher = cipher
+        self.data_dir = data_dir
+        self.poll_seconds = poll_seconds
+        self._last_seq = 0
+        self._task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def open_adapter(self, path: Path) -> Iterator[Path]:
+        """A plaintext copy of an adapter directory (the directory itself when encryption is off)."""
+        if not self.cipher.enabled:
+            yield path
+            return
+        plain = Path(tempfile.mkdtemp(prefix="adapter-", dir=ensure_private_dir(self.data_dir / "tmp")))
+        try:
+            self.cipher.decrypt_tree(path, plain)
+            yield plain
+        finally:
+            shutil.rmtree(plain, ignore_errors=True)
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Register every stored model (loaded on first use), then follow new ones."""
+        await self.sync(preload=False)
+        self._task = asyncio.create_task(self._follow(), name="finetuned-models")
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _follow(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_seconds)
+            try:
+                await self.sync(preload=True)
+            except Exception as exc:  # a locked or briefly unreadable database: try again next tick
+                log.warning("finetuned.poll_failed", error_type=type(exc).__name__)
+
+    async def sync(self, *, preload: bool) -> list[str]:
+        """Register models added since the last call; returns their ids."""
+        added = []
+        for record in await asyncio.to_thread(self.store.models.since, self._last_seq):
+            self._last_seq = max(self._last_seq, record.seq)
+            if await asyncio.to_thread(self._register, record, preload and record.step is None):
+                added.append(record.id)
+        return added
+
+    def _register(self, record: ModelRecord, preload: bool) -> bool:
+        path = self.data_dir / record.path
+        try:
+            self.registry.register_adapter(
+                record.id,
+                base=record.base,
+                tenant=record.tenant,
+                path=path,
+                created=record.created_at,
+                preload=preload,
+            )
+        except (GatewayError, ValueError, OSError) as exc:
+            if not preload:
+                log.error("finetuned.register_failed", model=record.id, error_type=type(exc).__name__)
+                return False
+            # the engine is not up yet (or busy loading): keep the model, load it on first use instead
+            log.warning("finetuned.preload_failed", model=record.id, error_type=type(exc).__name__)
+            return self._register(record, preload=False)
+        log.info("finetuned.registered", model=record.id, job_id=record.job_id, preloaded=preload)
+        return True
+
+    # -- delete --------------------------------------------------------------------------------------------
+
+    async def remove(self, entry: ModelEntry) -> None:
+        """DELETE /v1/models/{id}: forget the model in the store and remove its adapter from disk."""
+        record = await asyncio.to_thread(self.store.models.get, entry.id)
+        if record is None:
+            return
+        await asyncio.to_thread(self.store.models.delete, record.id)
+        await asyncio.to_thread(shutil.rmtree, self.data_dir / record.path, True)
+        log.info("finetuned.deleted", model=record.id, job_id=record.job_id)
+
+
+class FineTuningServices:
+    """Everything the files and fine-tuning routes need, built once per app: the store, the services, and
+    this bridge (wired as the registry's adapter opener and the model remover for DELETE /v1/models)."""
+
+    def __init__(self, settings: Settings, registry: ModelRegistry, cipher: Cipher) -> None:
+        data_dir = settings.data_path
+        self.store = Store.open(data_dir)
+        self.storage = FileStorage(self.store, cipher, data_dir)
+        self.files = FileService(
+            self.storage,
+            max_upload_bytes=settings.limits.max_upload_bytes,
+            max_train_rows=settings.finetune.max_train_rows,
+        )
+        self.jobs = JobService(self.store, self.storage, registry)
+        self.models = FineTunedModels(self.store, registry, cipher, data_dir)
+        registry.adapter_opener = self.models.open_adapter
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.storage.sweep)
+        await self.jobs.start()
+        await self.models.start()
+
+    async def close(self) -> None:
+        await self.models.close()
+        await self.jobs.close()
+        self.store.close()
