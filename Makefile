@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve prepare certs test test-unit test-e2e bench lint format clean
+.PHONY: help install serve prepare certs test test-unit test-e2e bench lint format docs clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,6 +54,12 @@ lint: $(STAMP) ## ruff + mypy
 format: $(STAMP) ## apply ruff's formatting and fixes
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+docs: $(STAMP) ## regenerate docs/configuration.md from the settings' help text
+	sed '/^<!-- generated below this line/q' docs/configuration.md > docs/configuration.md.new
+	echo >> docs/configuration.md.new
+	$(BIN)/gateway config-reference >> docs/configuration.md.new
+	mv docs/configuration.md.new docs/configuration.md
 
 clean: ## remove the venv and caches (keeps data/ and certs/)
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
