@@ -1,0 +1,394 @@
+"""The fine-tuning worker's own logic with a scripted trainer (no torch): claim, events, checkpoints and
+models, success/failure/cancel, shutdown hand-back and resume, lost leases and the attempt limit."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from finetune.worker import MAX_ATTEMPTS, Worker
+from gateway.encryption import FileCipher
+from gateway.serving.files import FileStorage
+from gateway.serving.jobs import DEFAULT_HYPERPARAMETERS
+from gateway.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
+from gateway.store import FileRecord, JobRecord, Store, new_id
+
+BASE = "tiny"
+ADAPTER = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"weights"}
+
+
+class TrainingCancelled(Exception):
+    pass
+
+
+@dataclass
+class FakeTrainConfig:
+    """Accepts what the worker passes; the scripted trainer uses a few fields."""
+
+    output_dir: Path
+    save_steps: int
+    epochs: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __init__(self, **kw: Any) -> None:
+        self.output_dir, self.save_steps, self.epochs = kw["output_dir"], kw["save_steps"], kw["epochs"]
+        self.kwargs = kw
+
+
+class ScriptedTrainer:
+    """Steps 1..steps; a checkpoint every `save_steps`; resumes after the latest checkpoint in output_dir."""
+
+    TrainConfig = FakeTrainConfig
+    TrainingCancelled = TrainingCancelled
+
+    def __init__(
+        self,
+        steps: int = 6,
+        *,
+        delay: float = 0.0,
+        fail_at: int | None = None,
+        on_step: Callable[[int], object] | None = None,
+    ) -> None:
+        self.steps, self.delay, self.fail_at, self.on_step = steps, delay, fail_at, on_step
+        self.configs: list[FakeTrainConfig] = []
+        self.started_at: list[int] = []
+        self.data: list[bytes] = []
+
+    def train(
+        self, config: FakeTrainConfig, on_event: Callable[[Any], None], should_stop: Callable[[], bool]
+    ) -> Any:
+        self.configs.append(config)
+        self.data.append(config.kwargs["train_file"].read_bytes())
+        done = sorted(int(p.name.split("-")[-1]) for p in config.output_dir.glob("checkpoint-*"))
+        start = done[-1] + 1 if done else 1
+        self.started_at.append(start)
+        for step in range(start, self.steps + 1):
+            if should_stop():
+                raise TrainingCancelled()
+            if self.on_step:
+                self.on_step(step)
+            if step == self.fail_at:
+                raise RuntimeError("CUDA out of memory")
+            time.sleep(self.delay)
+            on_event(
+                SimpleNamespace(
+                    kind="metrics",
+                    data={
+                        "step": step,
+                        "total_steps": self.steps,
+                        "train_loss": 2.0 / step,
+                        "learning_rate": 1e-3,
+                        "tokens_per_second": 50.0,
+                        "trained_tokens": 10 * step,
+                    },
+                )
+            )
+            if config.save_steps and step % config.save_steps == 0:
+                path = _write_adapter(config.output_dir / f"checkpoint-{step}")
+                on_event(
+                    SimpleNamespace(
+                        kind="checkpoint", data={"step": step, "path": str(path), "train_loss": 2.0 / step}
+                    )
+                )
+        final = _write_adapter(config.output_dir / "final")
+        return SimpleNamespace(adapter_dir=final, trained_tokens=10 * self.steps)
+
+
+def _write_adapter(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    for name, content in ADAPTER.items():
+        (path / name).write_bytes(content)
+    return path
+
+
+@dataclass
+class Setup:
+    settings: Settings
+    store: Store
+    storage: FileStorage
+
+    @property
+    def data(self) -> Path:
+        return self.settings.data_path
+
+    def job(self, *, save_steps: int = 2, tenant: str = "acme") -> JobRecord:
+        rows = b'{"instruction": "a", "output": "b"}\n' * 4
+        plain = self.data / "upload.jsonl"
+        plain.write_bytes(rows)
+        file_id = new_id("file-")
+        record = FileRecord(
+            id=file_id,
+            tenant=tenant,
+            filename="t.jsonl",
+            purpose="fine-tune",
+            bytes=len(rows),
+            created_at=1,
+            path=f"files/{file_id}",
+            rows=4,
+            format="alpaca",
+        )
+        self.storage.commit(plain, record)
+        job = JobRecord(
+            id=new_id("ftjob-"),
+            tenant=tenant,
+            subject="alice",
+            model=BASE,
+            training_file=file_id,
+            seed=3,
+            hyperparameters={**DEFAULT_HYPERPARAMETERS, "save_steps": save_steps},
+            status="queued",
+            created_at=int(time.time()),
+            suffix="risk",
+        )
+        return self.store.jobs.add(job)
+
+    def worker(self, trainer: ScriptedTrainer, **kw: Any) -> Worker:
+        return Worker(self.settings, store=self.store, trainer=trainer, heartbeat_seconds=0.05, **kw)
+
+    def events(self, job_id: str) -> list[str]:
+        return [e.message for e in reversed(self.store.events.list_page(job_id, limit=1000).items)]
+
+
+def _job(setup: Setup, job_id: str) -> JobRecord:
+    job = setup.store.jobs.get(job_id)
+    assert job is not None
+    return job
+
+
+def _setup(tmp_path: Path, **settings: Any) -> Setup:
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    config = Settings(
+        data_dir=str(tmp_path / "data"),
+        models=ModelSettings(default=BASE, base={BASE: str(model)}),
+        finetune=FinetuneSettings(poll_seconds=0.05),
+        **settings,
+    )
+    store = Store.open(config.data_path)
+    from gateway.encryption import cipher_from_settings
+
+    return Setup(config, store, FileStorage(store, cipher_from_settings(config), config.data_path))
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = _setup(tmp_path)
+    yield s
+    s.store.close()
+
+
+def test_a_job_runs_to_success(setup: Setup) -> None:
+    job = setup.job()
+    trainer = ScriptedTrainer(steps=5)
+    worker = setup.worker(trainer)
+    assert worker.run_once() and not worker.run_once()
+    done = setup.store.jobs.get(job.id)
+    assert done is not None and done.status == "succeeded", done
+    name = f"ft:{BASE}:acme:risk:{job.id[-8:]}"
+    assert done.fine_tuned_model == name and done.trained_tokens == 50 and done.finished_at is not None
+    assert done.estimated_finish is None and done.error is None
+    config = trainer.configs[0]
+    assert config.kwargs["learning_rate"] == DEFAULT_HYPERPARAMETERS["learning_rate"]
+    assert config.kwargs["seed"] == 3 and trainer.data[0].startswith(b'{"instruction"')
+    messages = setup.events(job.id)
+    assert messages[0] == "Fine-tuning job started"
+    assert [m for m in messages if m.startswith("Step")][:2] == [
+        "Step 1/5: training loss=2.0000",
+        "Step 2/5: training loss=1.0000",
+    ]
+    assert "Checkpoint created at step 2" in messages and "Checkpoint created at step 4" in messages
+    assert messages[-2:] == [f"New fine-tuned model created: {name}", "The job has successfully completed"]
+    metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
+    assert len(metrics) == 5 and metrics[0].data is not None and metrics[0].data["tokens_per_second"] == 50.0
+    models = {m.id: m for m in setup.store.models.since(0)}
+    assert set(models) == {name, f"{name}:ckpt-step-2", f"{name}:ckpt-step-4"}
+    for model in models.values():
+        files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
+        assert files == ADAPTER
+    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [4, 2]
+    results = setup.store.files.get(done.result_files[0], "acme")
+    assert results is not None and results.purpose == "fine-tune-results"
+    csv = b"".join(setup.storage.chunks(results)).decode().splitlines()
+    assert csv[0] == "step,train_loss,valid_loss,learning_rate,tokens_per_second" and len(csv) == 6
+    assert not (setup.data / "work" / job.id).exists()  # the private work dir is gone
+
+
+def test_a_training_error_fails_the_job_with_its_reason(setup: Setup) -> None:
+    job = setup.job()
+    setup.worker(ScriptedTrainer(steps=5, fail_at=3)).run_once()
+    failed = setup.store.jobs.get(job.id)
+    assert failed is not None and failed.status == "failed" and failed.error is not None
+    assert "CUDA out of memory" in failed.error["message"] and failed.error["code"] == "training_failed"
+    assert setup.events(job.id)[-1].startswith("Fine-tuning job failed")
+    assert [m.step for m in setup.store.models.since(0)] == [
+        2
+    ]  # the checkpoint before the error stays usable
+    assert not (setup.data / "work" / job.id).exists()
+
+
+def test_an_unknown_base_model_fails_with_a_clear_error(setup: Setup) -> None:
+    job = setup.job()
+    setup.store.jobs.update(job.id, model="other-model")
+    setup.worker(ScriptedTrainer()).run_once()
+    failed = setup.store.jobs.get(job.id)
+    assert failed is not None and failed.error is not None and failed.error["param"] == "model"
+    assert "other-model" in failed.error["message"]
+
+
+def test_cancel_stops_training_within_a_heartbeat(setup: Setup) -> None:
+    job = setup.job()
+    cancel_at: list[float] = []
+
+    def cancel(step: int) -> None:
+        if step == 3:
+            setup.store.jobs.update(job.id, status_in=("running",), status="cancelled")
+            cancel_at.append(time.monotonic())
+
+    worker = setup.worker(ScriptedTrainer(steps=1000, delay=0.01, on_step=cancel))
+    worker.run_once()
+    assert time.monotonic() - cancel_at[0] < 2.0
+    cancelled = setup.store.jobs.get(job.id)
+    assert cancelled is not None and cancelled.status == "cancelled" and cancelled.fine_tuned_model is None
+    assert setup.events(job.id)[-1] == "Training stopped; the job was cancelled"
+    assert all(m.step is not None for m in setup.store.models.since(0))  # no final model
+    assert not (setup.data / "work" / job.id).exists()
+
+
+def test_shutdown_hands_the_job_back_and_a_new_worker_resumes_it(setup: Setup) -> None:
+    job = setup.job(save_steps=2)
+
+    def stop_at_step_4(step: int) -> None:
+        if step == 4:
+            first.shutdown.set()  # as SIGTERM does
+
+    first = setup.worker(ScriptedTrainer(steps=6, on_step=stop_at_step_4), worker_id="w1")
+    first.run_once()
+    back = setup.store.jobs.get(job.id)
+    assert back is not None and back.status == "queued" and back.attempts == 0
+    assert (setup.data / "work" / job.id / "trainer" / "checkpoint-4").is_dir()  # kept for the resume
+    assert "will resume" in setup.events(job.id)[-1]
+    resumed = ScriptedTrainer(steps=6)
+    setup.worker(resumed, worker_id="w2").run_once()
+    assert resumed.started_at == [5]  # after the latest complete checkpoint
+    done = setup.store.jobs.get(job.id)
+    assert done is not None and done.status == "succeeded"
+    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [6, 4, 2]
+
+
+def test_a_dead_workers_job_is_taken_over_after_its_lease(setup: Setup) -> None:
+    job = setup.job()
+    setup.store.jobs.claim("dead-host-0", now=time.time() - 60, lease_seconds=30)  # lease ran out 30 s ago
+    _write_adapter(setup.data / "work" / job.id / "trainer" / "checkpoint-4")
+    trainer = ScriptedTrainer(steps=6)
+    setup.worker(trainer, worker_id="w2").run_once()
+    assert trainer.started_at == [5]
+    done = setup.store.jobs.get(job.id)
+    assert done is not None and done.status == "succeeded" and done.attempts == 2
+    assert "Resuming fine-tuning job (attempt 2)" in setup.events(job.id)[0]
+
+
+def test_a_job_interrupted_too_often_fails(setup: Setup) -> None:
+    job = setup.job()
+    for _ in range(MAX_ATTEMPTS):
+        setup.store.jobs.claim(
+            "crashy-0", now=time.time(), lease_seconds=30
+        )  # each claim by a worker that died
+    trainer = ScriptedTrainer()
+    setup.worker(trainer, worker_id="crashy-0").run_once()
+    failed = setup.store.jobs.get(job.id)
+    assert failed is not None and failed.status == "failed" and failed.error is not None
+    assert failed.error["code"] == "worker_interrupted" and "3 times" in failed.error["message"]
+    assert trainer.configs == []
+
+
+def test_the_heartbeat_renews_the_lease_and_reports_an_estimate(setup: Setup) -> None:
+    job = setup.job(save_steps=0)
+    seen: list[JobRecord] = []
+
+    def look(step: int) -> None:
+        if step == 15:
+            seen.append(_job(setup, job.id))
+
+    trainer = ScriptedTrainer(steps=20, delay=0.03, on_step=look)
+    setup.worker(trainer, lease_seconds=5).run_once()
+    mid = seen[0]
+    assert mid.status == "running" and mid.lease_until is not None and mid.lease_until > time.time() + 3
+    assert mid.estimated_finish is not None and mid.estimated_finish >= int(time.time()) - 1
+
+
+def test_two_workers_never_run_the_same_job(tmp_path: Path) -> None:
+    setup = _setup(tmp_path)
+    ids = {setup.job().id for _ in range(6)}
+    ran: dict[str, list[str]] = {"a": [], "b": []}
+
+    def work(name: str) -> None:
+        own = Store.open(setup.data)  # a separate connection, as a second process would have
+        trainer = ScriptedTrainer(steps=2, delay=0.01)
+        worker = Worker(setup.settings, store=own, trainer=trainer, worker_id=name, heartbeat_seconds=0.05)
+        while worker.run_once():
+            ran[name].append(str(trainer.configs[-1].kwargs["train_file"].parent.parent.name))
+        own.close()
+
+    threads = [threading.Thread(target=work, args=(n,)) for n in ran]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(ran["a"] + ran["b"]) == sorted(ids)
+    assert all(setup.store.jobs.get(i).status == "succeeded" for i in ids)  # type: ignore[union-attr]
+
+
+def test_adapters_and_training_data_are_encrypted_at_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = os.urandom(32)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(key).decode())
+    setup = _setup(tmp_path, privacy=PrivacySettings(encrypt_at_rest=True))
+    job = setup.job()
+    assert (setup.data / "files" / job.training_file).read_bytes().startswith(b"PGWENC")
+    trainer = ScriptedTrainer(steps=2)
+    setup.worker(trainer).run_once()
+    assert trainer.data[0].startswith(b'{"instruction"')  # the trainer got plaintext
+    final = setup.store.models.get(f"ft:{BASE}:acme:risk:{job.id[-8:]}")
+    assert final is not None
+    weights = (setup.data / final.path / "adapter_model.safetensors").read_bytes()
+    assert weights.startswith(b"PGWENC") and b"weights" not in weights
+    plain = tmp_path / "plain"
+    FileCipher(key).decrypt_tree(setup.data / final.path, plain)
+    assert (plain / "adapter_model.safetensors").read_bytes() == b"weights"
+    result = setup.store.files.get(setup.store.jobs.get(job.id).result_files[0], None)  # type: ignore[union-attr]
+    assert result is not None and (setup.data / result.path).read_bytes().startswith(b"PGWENC")
+
+
+def test_the_worker_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_FINETUNE__POLL_SECONDS": "0.1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "finetune.worker"],
+        env=env,
+        stderr=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    deadline = time.monotonic() + 30
+    assert process.stderr is not None
+    line = b""
+    while b"worker.started" not in line and time.monotonic() < deadline:
+        line = process.stderr.readline()
+    assert b"worker.started" in line, line
+    assert json.loads(line)["worker_id"].endswith("-0")
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=15) == 0
