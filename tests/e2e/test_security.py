@@ -256,6 +256,7 @@ def test_canary_in_an_upload_is_only_in_the_stored_file(gateway: Gateway, server
     with gateway.client(token) as http:
         if http.get("/v1/files").status_code == 404:
             pytest.skip("/v1/files is not wired into the app yet (helper C's files API)")
+    pytest.importorskip("finetune.data", reason="uploads are validated by finetune/data.py, not landed yet")
     canary = f"CANARY-upload-{RUN}"
     row = {"messages": [{"role": "user", "content": canary}, {"role": "assistant", "content": "ok"}]}
     uploaded = sdk(gateway, token).files.create(

@@ -3,7 +3,7 @@ an id that does not exist, and never sees it in a list; admins see across tenant
 
 Objects: fine-tuned model (retrieve, delete, chat), file (retrieve, content, delete, use as training file),
 fine-tuning job (retrieve, cancel, events, checkpoints).  The files/jobs parts skip while those routes are
-not wired into create_app.
+not wired into create_app or finetune/data.py (upload validation) is missing.
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def test_files_are_invisible_to_other_tenants(tenancy: Tenancy) -> None:
     t = tenancy
     if not t.has_route("/v1/files"):
         pytest.skip("/v1/files is not wired into create_app yet")
+    pytest.importorskip("finetune.data", reason="uploads are validated by finetune/data.py, not landed yet")
     file_id = _upload(t, t.acme)
     theirs = _upload(t, t.globex)
 
@@ -144,6 +145,7 @@ def test_jobs_are_invisible_to_other_tenants(tenancy: Tenancy) -> None:
     t = tenancy
     if not (t.has_route("/v1/files") and t.has_route("/v1/fine_tuning/jobs")):
         pytest.skip("/v1/files or /v1/fine_tuning/jobs is not wired into create_app yet")
+    pytest.importorskip("finetune.data", reason="uploads are validated by finetune/data.py, not landed yet")
     file_id = _upload(t, t.acme)
 
     # globex cannot even name acme's file as its training data
