@@ -8,7 +8,8 @@ EgressBlocked (a PermissionError, EPERM, so client libraries treat it as a faile
 packet leaves: a connect to an outside address, and even the DNS query for an outside name (which would leak
 the name).  Allowed: loopback addresses and names, Unix and netlink sockets, the wildcard addresses for bind
 lookups, and `privacy.egress_allow` entries (an IP, a CIDR such as 10.20.0.0/16, or an exact host name;
-the addresses an allowed name resolves to are allowed from then on).  Each refusal is logged as
+the addresses an allowed name resolves to are allowed from then on; install_from_settings adds
+server.host when it is a name, since uvicorn resolves it to bind).  Each refusal is logged as
 `egress.blocked` with the host only.  The test suite's guard (tests/conftest.py) is this same class.
 
 Limits, stated plainly: this is a Python-level patch.  It covers the standard library, asyncio's default
@@ -272,6 +273,10 @@ def install_from_settings(settings: Settings) -> EgressGuard | None:
     if not privacy.block_egress:
         log.warning("egress.guard_disabled")
         return None
-    guard = EgressGuard(privacy.egress_allow).install()
-    log.info("egress.guard_installed", allow=sorted(privacy.egress_allow))
+    allow = list(privacy.egress_allow)
+    bind = settings.server.host.strip().lower().rstrip(".")
+    if bind not in BIND_ONLY and bind not in LOCAL_NAMES and _ip(bind) is None:
+        allow.append(bind)  # uvicorn resolves a bind address given by name; it is this host
+    guard = EgressGuard(allow).install()
+    log.info("egress.guard_installed", allow=sorted(allow))
     return guard

@@ -15,7 +15,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from gateway.egress import EgressBlocked, EgressGuard, install_from_settings, parse_allow
-from gateway.settings import PrivacySettings, Settings, load_settings
+from gateway.settings import PrivacySettings, ServerSettings, Settings, load_settings
 from tests import conftest
 
 
@@ -219,3 +219,18 @@ def test_install_from_settings() -> None:
         guard.uninstall()
     with pytest.raises(ValueError, match="egress_allow"):
         install_from_settings(Settings(privacy=PrivacySettings(egress_allow=["https://idp"])))
+
+
+def test_a_bind_host_given_by_name_may_be_resolved() -> None:
+    settings = Settings(server=ServerSettings(host="gw.bank.internal"))
+    guard = install_from_settings(settings)
+    assert guard is not None
+    try:
+        assert guard.allows_host("gw.bank.internal") and not guard.allows_host("other.bank.internal")
+    finally:
+        guard.uninstall()
+    for literal in ("0.0.0.0", "10.1.2.3", "localhost"):
+        guard = install_from_settings(Settings(server=ServerSettings(host=literal)))
+        assert guard is not None
+        guard.uninstall()
+        assert guard.names == frozenset() and guard.networks == ()  # literals need no allow entry
