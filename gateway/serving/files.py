@@ -202,12 +202,9 @@ class FileService:
 
         try:
             stats = validate_file(path, max_rows=self.max_train_rows)
-        except DataError as exc:
-            line = getattr(exc, "line", None)
-            reason = getattr(exc, "reason", str(exc))
-            where = f"line {line}: " if line else ""
+        except DataError as exc:  # "line N: what is wrong" (never the content itself)
             raise InvalidRequest(
-                f"Invalid training file: {where}{reason}", param="file", code="invalid_file_format"
+                f"Invalid training file: {exc}", param="file", code="invalid_file_format"
             ) from None
         return int(stats.rows), str(stats.format)
 
