@@ -1,0 +1,442 @@
+"""Training data: validate an upload, read it as conversations, tokenize with the chat template, pack.
+
+Two input formats, detected per record, one per file:
+
+- chat (OpenAI fine-tuning JSONL): `{"messages": [{"role", "content", "weight"?}, ...]}`
+- alpaca (LLaMA-Factory): `{"instruction", "input"?, "output", "system"?, "history"?: [[user, reply], ...]}`
+  as JSONL or as one JSON array
+
+Both become a `Conversation`: a list of `Turn(role, text, trainable)`.  Tokens are labelled for the loss only
+on trainable assistant turns, their end-of-turn token included so the model learns to stop.  `pack` lays
+several examples end to end in one row with positions restarting at 0 for each: no compute is spent on
+padding, and the trainer's attention keeps every example to itself.
+
+Errors never quote the data: a message names the line, the field and the problem, since callers may log it.
+This module does not import torch, so the gateway can validate uploads without it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+
+from jinja2 import TemplateError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "IGNORE_INDEX",
+    "Batch",
+    "Conversation",
+    "DataError",
+    "DataStats",
+    "Example",
+    "Turn",
+    "load_conversations",
+    "pack",
+    "tokenize",
+    "validate_file",
+]
+
+IGNORE_INDEX = -100  # label of a token the loss skips (the convention of torch's cross_entropy)
+ROLES = ("system", "user", "assistant", "developer", "tool")
+Format = Literal["chat", "alpaca"]
+
+_log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """The first problem found in a training file: where it is and what to fix, never the content."""
+
+    def __init__(self, line: int, reason: str, *, record: int | None = None) -> None:
+        self.line = line
+        self.reason = reason
+        self.record = record  # 1-based element of a JSON array; None for JSONL
+        where = f"line {line}" if record is None else f"record {record} (line {line})"
+        super().__init__(f"{where}: {reason}")
+
+
+class Turn(NamedTuple):
+    role: str  # system | user | assistant | tool ("developer" is read as "system")
+    text: str
+    trainable: bool  # an assistant turn the loss learns from
+
+
+Conversation = list[Turn]
+
+
+@dataclass(frozen=True)
+class DataStats:
+    format: Format
+    rows: int
+
+
+def validate_file(path: Path, *, max_rows: int) -> DataStats:
+    """Check a whole file, streaming it; raise DataError at the first bad record."""
+    file_format: Format | None = None
+    rows = 0
+    for line, record, fmt, _ in _parse_file(path):
+        file_format = file_format or fmt
+        rows += 1
+        if rows > max_rows:
+            raise DataError(
+                line, f"more than {max_rows} rows; split the file or raise the limit", record=record
+            )
+    assert file_format is not None  # _parse_file raises on a file without records
+    return DataStats(format=file_format, rows=rows)
+
+
+def load_conversations(path: Path) -> list[Conversation]:
+    """Every record of a (valid) training file as a conversation."""
+    return [conversation for *_, conversation in _parse_file(path)]
+
+
+# --- reading ------------------------------------------------------------------------------------------------
+
+
+class _Invalid(Exception):
+    """A record-level problem; _parse_file adds the line."""
+
+
+def _parse_file(path: Path) -> Iterator[tuple[int, int | None, Format, Conversation]]:
+    """(line, record, format, conversation) per record; raises DataError at the first problem."""
+    first: tuple[Format, int] | None = None
+    for line, record, obj in _read_records(path):
+        try:
+            fmt, conversation = _parse_record(obj)
+        except _Invalid as exc:
+            raise DataError(line, str(exc), record=record) from None
+        if first is None:
+            first = (fmt, line)
+        elif fmt != first[0]:
+            reason = (
+                f"{fmt} record in a file that starts in {first[0]} format (line {first[1]}); use one format"
+            )
+            raise DataError(line, reason, record=record)
+        yield line, record, fmt, conversation
+    if first is None:
+        raise DataError(1, "the file holds no records")
+
+
+def _read_records(path: Path) -> Iterator[tuple[int, int | None, Any]]:
+    """(line, array index + 1 or None, decoded JSON) per record: JSONL streamed, a JSON array read whole."""
+    with path.open("rb") as fh:
+        start = fh.read(64).lstrip(b"\xef\xbb\xbf \t\r\n")
+        fh.seek(0)
+        if start.startswith(b"["):
+            yield from _read_array(fh.read())
+            return
+        for line, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(line, "not UTF-8 text; save the file as UTF-8") from None
+            text = text.removeprefix("\ufeff") if line == 1 else text
+            if not text.strip():
+                continue
+            try:
+                yield line, None, json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(line, f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+
+
+def _read_array(data: bytes) -> Iterator[tuple[int, int | None, Any]]:
+    try:
+        text = data.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            data.count(b"\n", 0, exc.start) + 1, "not UTF-8 text; save the file as UTF-8"
+        ) from None
+    decoder = json.JSONDecoder()
+    pos = text.index("[") + 1
+    record = 0
+    while True:
+        pos = _skip_space(text, pos)
+        if text.startswith("]", pos):
+            break
+        if record and not text.startswith(",", pos):
+            raise DataError(_line_at(text, pos), f"not valid JSON: expected ',' or ']' after record {record}")
+        pos = _skip_space(text, pos + 1) if record else pos
+        record += 1
+        try:
+            obj, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(
+                exc.lineno, f"not valid JSON ({exc.msg} at column {exc.colno})", record=record
+            ) from None
+        yield _line_at(text, pos), record, obj
+        pos = end
+    if text[pos + 1 :].strip():
+        raise DataError(_line_at(text, pos + 1), "not valid JSON: text after the closing ']'")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    if pos >= len(text):
+        raise DataError(_line_at(text, pos), "not valid JSON: the array is not closed with ']'")
+    return pos
+
+
+def _line_at(text: str, pos: int) -> int:
+    return text.count("\n", 0, pos) + 1
+
+
+def _parse_record(obj: Any) -> tuple[Format, Conversation]:
+    if not isinstance(obj, dict):
+        raise _Invalid("a record must be a JSON object")
+    if "messages" in obj:
+        return "chat", _parse_chat(obj["messages"])
+    if "instruction" in obj or "output" in obj:
+        return "alpaca", _parse_alpaca(obj)
+    raise _Invalid('expected "messages" (chat format) or "instruction" and "output" (Alpaca format)')
+
+
+def _parse_chat(messages: Any) -> Conversation:
+    if not isinstance(messages, list):
+        raise _Invalid('"messages" must be a list')
+    if not messages:
+        raise _Invalid('"messages" is empty')
+    turns: Conversation = []
+    for i, message in enumerate(messages):
+        field = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise _Invalid(f"{field} must be an object")
+        role = message.get("role")
+        if role not in ROLES:
+            raise _Invalid(f"{field}.role must be one of {', '.join(ROLES)}")
+        if message.get("tool_calls") or message.get("function_call"):
+            raise _Invalid(f"{field} has tool calls, which fine-tuning does not support yet")
+        text = _content_text(message.get("content"), f"{field}.content")
+        weight = message.get("weight", 1)
+        if "weight" in message and role != "assistant":
+            raise _Invalid(f"{field}.weight is only allowed on assistant messages")
+        if type(weight) is not int or weight not in (0, 1):
+            raise _Invalid(f"{field}.weight must be 0 or 1")
+        trainable = role == "assistant" and weight == 1
+        if trainable and not text.strip():
+            raise _Invalid(f"{field}.content is empty; give the assistant a reply or set weight 0")
+        turns.append(Turn("system" if role == "developer" else role, text, trainable))
+    if not any(turn.trainable for turn in turns):
+        raise _Invalid("no assistant message to learn from (all are missing or have weight 0)")
+    return turns
+
+
+def _content_text(content: Any, field: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not (
+                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            ):
+                raise _Invalid(f'{field}[{j}] must be a text part: {{"type": "text", "text": "..."}}')
+            texts.append(part["text"])
+        return "".join(texts)
+    if content is None:
+        raise _Invalid(f"{field} is missing")
+    raise _Invalid(f"{field} must be a string or a list of text parts")
+
+
+def _parse_alpaca(obj: dict[str, Any]) -> Conversation:
+    instruction = _string_field(obj, "instruction", required=True)
+    extra_input = _string_field(obj, "input", required=False)
+    output = _string_field(obj, "output", required=True)
+    system = _string_field(obj, "system", required=False)
+    prompt = "\n".join(part for part in (instruction, extra_input) if part)
+    if not prompt.strip():
+        raise _Invalid('"instruction" and "input" are both empty')
+    if not output.strip():
+        raise _Invalid('"output" is empty')
+    turns: Conversation = [Turn("system", system, False)] if system else []
+    history = obj.get("history")
+    if history is not None and not isinstance(history, list):
+        raise _Invalid('"history" must be a list of [user, assistant] pairs')
+    for i, pair in enumerate(history or []):
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
+            raise _Invalid(f"history[{i}] must be a [user, assistant] pair of strings")
+        turns += [Turn("user", pair[0], False), Turn("assistant", pair[1], bool(pair[1].strip()))]
+    return [*turns, Turn("user", prompt, False), Turn("assistant", output, True)]
+
+
+def _string_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
+    value = obj.get(name)
+    if value is None:
+        if required:
+            raise _Invalid(f'missing "{name}"')
+        return ""
+    if not isinstance(value, str):
+        raise _Invalid(f'"{name}" must be a string')
+    return value
+
+
+# --- tokens -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized conversation; labels[i] is input_ids[i] where the loss learns it, else IGNORE_INDEX."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+    @property
+    def trainable_tokens(self) -> int:
+        # labels[0] can never be predicted: nothing comes before it.
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
+
+class _TemplateMismatch(Exception):
+    """The template refuses the conversation, or rendering it turn by turn is no prefix of the whole."""
+
+
+def tokenize(
+    conversations: Iterable[Conversation], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
+) -> list[Example]:
+    """Tokenize with the tokenizer's chat template; truncate; drop examples left with nothing to learn."""
+    examples: list[Example] = []
+    empty = refused = 0
+    for conversation in conversations:
+        try:
+            example = _tokenize_one(conversation, tokenizer)
+        except _TemplateMismatch:
+            refused += 1
+            continue
+        example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
+        if example.trainable_tokens == 0:
+            empty += 1
+            continue
+        examples.append(example)
+    if empty or refused:
+        _log.warning(
+            "dropped %d conversations with nothing to learn within max_seq_length=%d and %d that the chat "
+            "template refuses or renders inconsistently turn by turn",
+            empty,
+            max_seq_length,
+            refused,
+        )
+    return examples
+
+
+def _tokenize_one(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> Example:
+    messages = [{"role": turn.role, "content": turn.text} for turn in conversation]
+    input_ids = _render(tokenizer, messages, generation_prompt=False)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    for i, turn in enumerate(conversation):
+        # An opening assistant turn (a greeting) is context only: there is nothing before it to render.
+        if not turn.trainable or i == 0:
+            continue
+        # The reply is what rendering through this turn adds to rendering up to its generation prompt.
+        start = _prefix_length(input_ids, _render(tokenizer, messages[:i], generation_prompt=True))
+        end = _prefix_length(input_ids, _render(tokenizer, messages[: i + 1], generation_prompt=False))
+        end = _without_trailing_space(tokenizer, input_ids, start, end)
+        labels[start:end] = input_ids[start:end]
+    labels[0] = IGNORE_INDEX
+    return Example(input_ids, labels)
+
+
+def _render(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool
+) -> list[int]:
+    if not messages and not generation_prompt:
+        return []
+    try:
+        text = tokenizer.apply_chat_template(
+            messages, tokenize=False, add_generation_prompt=generation_prompt
+        )
+    except TemplateError:  # a template may refuse a role or an order (e.g. "roles must alternate")
+        raise _TemplateMismatch from None
+    assert isinstance(text, str)
+    # The template writes any BOS itself; letting the tokenizer add another would double it.
+    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def _prefix_length(full: Sequence[int], prefix: Sequence[int]) -> int:
+    if list(full[: len(prefix)]) != list(prefix):
+        raise _TemplateMismatch
+    return len(prefix)
+
+
+def _without_trailing_space(
+    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], start: int, end: int
+) -> int:
+    """Leave the newline a template writes after the end-of-turn token out of the loss: it is formatting."""
+    special = set(tokenizer.all_special_ids)
+    while end > start and ids[end - 1] not in special and not str(tokenizer.decode([ids[end - 1]])).strip():
+        end -= 1
+    return end
+
+
+# --- packing ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Examples laid end to end in one row: no padding; positions restart at 0 for each example."""
+
+    input_ids: list[int]
+    labels: list[int]
+    position_ids: list[int]
+    boundaries: list[int]  # cumulative lengths: example k spans [boundaries[k], boundaries[k + 1])
+
+    @property
+    def examples(self) -> int:
+        return len(self.boundaries) - 1
+
+    @property
+    def tokens(self) -> int:
+        return len(self.input_ids)
+
+    @property
+    def trainable_tokens(self) -> int:
+        # Each example's first label is IGNORE_INDEX (see _concatenate): no loss crosses a boundary.
+        return sum(label != IGNORE_INDEX for label in self.labels)
+
+
+def pack(
+    examples: Sequence[Example],
+    max_tokens_per_batch: int,
+    seed: int,
+    *,
+    max_examples_per_batch: int | None = None,
+) -> list[Batch]:
+    """Shuffle with `seed`, then fill batches in that order up to the token and example limits."""
+    longest = max((len(example.input_ids) for example in examples), default=0)
+    if longest > max_tokens_per_batch:
+        raise ValueError(
+            f"max_tokens_per_batch={max_tokens_per_batch} is below the longest example ({longest})"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)  # noqa: S311 - a reproducible data order, not a secret
+    groups: list[list[Example]] = []
+    tokens = 0
+    for index in order:
+        example = examples[index]
+        full = groups and max_examples_per_batch is not None and len(groups[-1]) >= max_examples_per_batch
+        if not groups or full or tokens + len(example.input_ids) > max_tokens_per_batch:
+            groups.append([])
+            tokens = 0
+        groups[-1].append(example)
+        tokens += len(example.input_ids)
+    return [_concatenate(group) for group in groups]
+
+
+def _concatenate(group: list[Example]) -> Batch:
+    input_ids: list[int] = []
+    labels: list[int] = []
+    position_ids: list[int] = []
+    boundaries = [0]
+    for example in group:
+        input_ids += example.input_ids
+        labels += [IGNORE_INDEX, *example.labels[1:]]
+        position_ids += range(len(example.input_ids))
+        boundaries.append(len(input_ids))
+    return Batch(input_ids, labels, position_ids, boundaries)
