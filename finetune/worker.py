@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import fcntl
 import io
 import os
+import re
 import shutil
 import signal
 import socket
@@ -43,7 +43,7 @@ import structlog
 from gateway.encryption import Cipher, cipher_from_settings
 from gateway.private_files import ensure_private_dir
 from gateway.serving.files import FileStorage
-from gateway.serving.jobs import fine_tuned_name
+from gateway.serving.jobs import DEFAULT_HYPERPARAMETERS, fine_tuned_name
 from gateway.settings import Settings, load_settings
 from gateway.store import CheckpointRecord, JobRecord, ModelRecord, Store, new_id
 from gateway.store.events import EventLevel, EventType
@@ -72,9 +72,10 @@ class _Run:
     work_dir: Path
     stop: threading.Event = field(default_factory=threading.Event)
     stop_reason: str | None = None  # "cancelled" | "lost" (the job is no longer ours)
-    metrics: list[dict[str, Any]] = field(default_factory=list)
-    trained_tokens: int = 0
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # when training (not loading) began
+    first_step: int = 0  # a resumed run starts after this step
+    last_train_loss: float | None = None
+    last_valid_loss: float | None = None
     estimated_finish: int | None = None
 
 
@@ -232,10 +233,24 @@ class Worker:
         trainer = self.trainer
         try:
             return trainer.train(
-                config, lambda event: self._on_event(run, event), lambda: self._should_stop(run)
+                config,
+                lambda kind, message, data: self._on_event(run, kind, message, data),
+                lambda: self._should_stop(run),
             )
         except trainer.TrainingCancelled:
             raise _Stopped() from None
+        except (
+            ValueError
+        ) as exc:  # the trainer names the setting: "max_seq_length=16: ..." or "training_file: ..."
+            raise JobFailed(
+                f"Training could not start: {exc}", code="invalid_training_setup", param=_param_of(str(exc))
+            ) from None
+        except torch_oom() as exc:
+            raise JobFailed(
+                "The training device ran out of memory: lower batch_size or max_seq_length, or set "
+                "quantization_bit to 4.",
+                code="out_of_memory",
+            ) from exc
 
     def _plaintext(self, job: JobRecord, file_id: str, work_dir: Path, stem: str) -> Path:
         record = self.store.files.get(file_id, job.tenant)
@@ -258,55 +273,50 @@ class Worker:
     ) -> Any:
         hp = job.hyperparameters
         return self.trainer.TrainConfig(
-            base_model=base_dir,
-            train_file=train_file,
-            validation_file=valid_file,
+            base_model_path=base_dir,
             output_dir=output_dir,
-            epochs=int(hp["n_epochs"]),
+            training_file=train_file,
+            validation_file=valid_file,
+            seed=job.seed,
+            n_epochs=int(hp["n_epochs"]),
             batch_size=int(hp["batch_size"]),
-            learning_rate=float(hp["learning_rate"]) * float(hp["learning_rate_multiplier"]),
-            lora_rank=int(hp["lora_rank"]),
-            lora_alpha=float(hp["lora_alpha"]),
-            lora_dropout=float(hp["lora_dropout"]),
-            target_modules=list(hp["target_modules"]),
-            quantization_bit=hp["quantization_bit"],
             gradient_accumulation_steps=int(hp["gradient_accumulation_steps"]),
             max_seq_length=int(hp["max_seq_length"]),
+            learning_rate=float(hp["learning_rate"]) * float(hp["learning_rate_multiplier"]),
+            lora_rank=int(hp["lora_rank"]),
+            lora_alpha=int(hp["lora_alpha"]),
+            lora_dropout=float(hp["lora_dropout"]),
+            target_modules=tuple(hp["target_modules"]),
+            quantization_bit=hp["quantization_bit"],
             save_steps=int(hp["save_steps"]),
-            seed=job.seed,
             device=self.settings.finetune.device,
-            max_rows=self.settings.finetune.max_train_rows,
         )
 
-    def _on_event(self, run: _Run, event: Any) -> None:
-        kind = getattr(event, "kind", None)
-        data: dict[str, Any] = dict(getattr(event, "data", {}) or {})
+    def _on_event(self, run: _Run, kind: str, message: str, data: dict[str, Any]) -> None:
+        """The trainer's events: started, metrics (each logging step), validation, checkpoint."""
         if kind == "metrics":
             self._metrics(run, data)
         elif kind == "checkpoint":
             self._checkpoint(run, int(data["step"]), Path(data["path"]), data)
         elif kind == "validation":
-            self._event(
-                run.job,
-                f"Step {data.get('step')}: validation loss={float(data['valid_loss']):.4f}",
-                type="metrics",
-                data=data,
-            )
-            run.metrics.append(data)
+            run.last_valid_loss = float(data["valid_loss"])
+            self._event(run.job, message, type="metrics", data=data)
+        elif kind == "started":
+            run.first_step, run.started = int(data.get("resumed_from_step", 0)), time.monotonic()
+            if run.first_step:
+                message += f" (resumed from the checkpoint at step {run.first_step})"
+            self._event(run.job, message, data=data)
         else:
-            self._event(run.job, str(getattr(event, "message", kind)))
+            self._event(run.job, message, data=data)
 
     def _metrics(self, run: _Run, data: dict[str, Any]) -> None:
-        step, total = int(data["step"]), data.get("total_steps")
-        run.metrics.append(data)
-        run.trained_tokens = max(run.trained_tokens, int(data.get("trained_tokens", 0)))
-        if total and step:
-            per_step = (time.monotonic() - run.started) / step
-            run.estimated_finish = int(time.time() + per_step * max(0, int(total) - step))
+        step, total = int(data["step"]), int(data.get("total_steps") or 0)
+        run.last_train_loss = float(data["train_loss"])
+        if total and step > run.first_step:
+            per_step = (time.monotonic() - run.started) / (step - run.first_step)
+            run.estimated_finish = int(time.time() + per_step * max(0, total - step))
         where = f"Step {step}/{total}" if total else f"Step {step}"
-        self._event(
-            run.job, f"{where}: training loss={float(data['train_loss']):.4f}", type="metrics", data=data
-        )
+        self._event(run.job, f"{where}: training loss={run.last_train_loss:.4f}", type="metrics", data=data)
 
     def _checkpoint(self, run: _Run, step: int, source: Path, data: dict[str, Any]) -> None:
         job = run.job
@@ -366,12 +376,12 @@ class Worker:
         job = run.job
         name = fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
         relative = self._export(Path(result.adapter_dir), job.id, "final")
-        trained = int(getattr(result, "trained_tokens", 0) or run.trained_tokens)
+        trained = int(result.trained_tokens)
         results = self.storage.save_bytes(
             tenant=job.tenant,
             filename=f"{job.id}-results.csv",
             purpose="fine-tune-results",
-            data=_metrics_csv(run.metrics),
+            data=Path(result.metrics_csv).read_bytes(),
         )
         now = int(time.time())
         with self.store.db.transaction():
@@ -465,14 +475,18 @@ class _Stopped(Exception):
     """The trainer stopped because should_stop() said so."""
 
 
-def _metrics_csv(rows: list[dict[str, Any]]) -> bytes:
-    columns = ["step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second"]
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: row.get(k, "") for k in columns})
-    return out.getvalue().encode()
+def _param_of(message: str) -> str | None:
+    """The setting a trainer error names first ("lora_rank=0: ..." -> "lora_rank"), if it is one of ours."""
+    name = re.split(r"[=:]", message, maxsplit=1)[0].strip()
+    if name in ("training_file", "validation_file"):
+        return name
+    return f"hyperparameters.{name}" if name in DEFAULT_HYPERPARAMETERS else None
+
+
+def torch_oom() -> type[BaseException]:
+    import torch
+
+    return torch.OutOfMemoryError
 
 
 def main(argv: list[str] | None = None) -> int:

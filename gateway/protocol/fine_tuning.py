@@ -37,7 +37,7 @@ class Hyperparameters(Struct, kw_only=True, omit_defaults=True):
     # LoRA / QLoRA settings (this server's extension)
     learning_rate: Annotated[float, Meta(gt=0.0, le=1.0)] | UnsetType = UNSET
     lora_rank: Annotated[int, Meta(ge=1, le=256)] | UnsetType = UNSET
-    lora_alpha: Annotated[float, Meta(gt=0.0, le=4096.0)] | UnsetType = UNSET
+    lora_alpha: Annotated[int, Meta(ge=1, le=4096)] | UnsetType = UNSET
     lora_dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] | UnsetType = UNSET
     target_modules: (
         Annotated[list[str], Meta(min_length=1, max_length=7)] | Literal["all-linear"] | UnsetType

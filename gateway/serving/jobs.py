@@ -46,13 +46,13 @@ DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
     "learning_rate_multiplier": 1.0,
     "learning_rate": 2e-4,  # the base rate; the effective rate is learning_rate * learning_rate_multiplier
     "lora_rank": 8,
-    "lora_alpha": 16.0,
+    "lora_alpha": 16,
     "lora_dropout": 0.05,
-    "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "target_modules": list(LORA_MODULES),  # "all-linear", as QLoRA does
     "quantization_bit": None,  # 4: QLoRA (NF4), 8: 8-bit base weights
     "gradient_accumulation_steps": 1,
-    "max_seq_length": 512,
-    "save_steps": 0,  # 0: a checkpoint at the end of every epoch
+    "max_seq_length": 1024,
+    "save_steps": 0,  # 0: one checkpoint, at the last step
 }
 _OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
@@ -112,6 +112,11 @@ def resolve(request: p.CreateJobRequest, rows: int) -> tuple[dict[str, Any], str
                 'or "all-linear".',
                 param=f"{where}.target_modules",
             )
+    if values["learning_rate"] * values["learning_rate_multiplier"] >= 1:
+        raise InvalidRequest(
+            "learning_rate * learning_rate_multiplier must stay below 1.",
+            param=f"{where}.learning_rate_multiplier",
+        )
     return values, where
 
 

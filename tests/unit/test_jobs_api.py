@@ -161,6 +161,8 @@ def test_the_deprecated_top_level_hyperparameters_still_work(api: Api) -> None:
         ({"learning_rate": -1}, "learning_rate"),
         ({"max_seq_length": 2}, "max_seq_length"),
         ({"gradient_accumulation_steps": "many"}, "gradient_accumulation_steps"),
+        ({"lora_alpha": 0.5}, "lora_alpha"),
+        ({"learning_rate": 0.5, "learning_rate_multiplier": 4}, "learning_rate_multiplier"),
     ],
 )
 def test_invalid_hyperparameters_name_the_field(api: Api, hyper: dict[str, Any], param: str) -> None:

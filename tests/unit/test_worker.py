@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -31,22 +31,18 @@ class TrainingCancelled(Exception):
     pass
 
 
-@dataclass
 class FakeTrainConfig:
-    """Accepts what the worker passes; the scripted trainer uses a few fields."""
-
-    output_dir: Path
-    save_steps: int
-    epochs: int
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keeps what the worker passes (finetune.trainer.TrainConfig's fields)."""
 
     def __init__(self, **kw: Any) -> None:
-        self.output_dir, self.save_steps, self.epochs = kw["output_dir"], kw["save_steps"], kw["epochs"]
+        self.output_dir: Path = kw["output_dir"]
+        self.save_steps: int = kw["save_steps"]
         self.kwargs = kw
 
 
 class ScriptedTrainer:
-    """Steps 1..steps; a checkpoint every `save_steps`; resumes after the latest checkpoint in output_dir."""
+    """finetune.trainer's interface, scripted: steps 1..steps, a checkpoint every `save_steps` (and at the
+    last) in output_dir/checkpoints/step-N, resuming after the latest one there."""
 
     TrainConfig = FakeTrainConfig
     TrainingCancelled = TrainingCancelled
@@ -57,51 +53,63 @@ class ScriptedTrainer:
         *,
         delay: float = 0.0,
         fail_at: int | None = None,
+        error: Exception | None = None,
         on_step: Callable[[int], object] | None = None,
     ) -> None:
         self.steps, self.delay, self.fail_at, self.on_step = steps, delay, fail_at, on_step
+        self.error = error or RuntimeError("CUDA error: an illegal memory access was encountered")
         self.configs: list[FakeTrainConfig] = []
         self.started_at: list[int] = []
         self.data: list[bytes] = []
 
     def train(
-        self, config: FakeTrainConfig, on_event: Callable[[Any], None], should_stop: Callable[[], bool]
+        self,
+        config: FakeTrainConfig,
+        on_event: Callable[[str, str, dict[str, Any]], None],
+        should_stop: Callable[[], bool],
     ) -> Any:
         self.configs.append(config)
-        self.data.append(config.kwargs["train_file"].read_bytes())
-        done = sorted(int(p.name.split("-")[-1]) for p in config.output_dir.glob("checkpoint-*"))
-        start = done[-1] + 1 if done else 1
-        self.started_at.append(start)
-        for step in range(start, self.steps + 1):
+        self.data.append(config.kwargs["training_file"].read_bytes())
+        done = sorted(int(p.name.split("-")[-1]) for p in (config.output_dir / "checkpoints").glob("step-*"))
+        resumed = done[-1] if done else 0
+        self.started_at.append(resumed + 1)
+        on_event(
+            "started",
+            f"Fine-tuning started: 4 examples, {self.steps} steps",
+            {"total_steps": self.steps, "resumed_from_step": resumed},
+        )
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        csv = config.output_dir / "metrics.csv"
+        if not csv.exists():
+            csv.write_text("step,train_loss,valid_loss,learning_rate,tokens_per_second\n")
+        for step in range(resumed + 1, self.steps + 1):
             if should_stop():
-                raise TrainingCancelled()
+                raise TrainingCancelled(f"cancelled at step {step - 1}")
             if self.on_step:
                 self.on_step(step)
             if step == self.fail_at:
-                raise RuntimeError("CUDA out of memory")
+                raise self.error
             time.sleep(self.delay)
+            loss = 2.0 / step
             on_event(
-                SimpleNamespace(
-                    kind="metrics",
-                    data={
-                        "step": step,
-                        "total_steps": self.steps,
-                        "train_loss": 2.0 / step,
-                        "learning_rate": 1e-3,
-                        "tokens_per_second": 50.0,
-                        "trained_tokens": 10 * step,
-                    },
-                )
+                "metrics",
+                f"Step {step}/{self.steps}: training loss={loss:.4f}",
+                {
+                    "step": step,
+                    "train_loss": loss,
+                    "learning_rate": 1e-3,
+                    "tokens_per_second": 50.0,
+                    "total_steps": self.steps,
+                    "trained_tokens": 10 * step,
+                },
             )
-            if config.save_steps and step % config.save_steps == 0:
-                path = _write_adapter(config.output_dir / f"checkpoint-{step}")
-                on_event(
-                    SimpleNamespace(
-                        kind="checkpoint", data={"step": step, "path": str(path), "train_loss": 2.0 / step}
-                    )
-                )
-        final = _write_adapter(config.output_dir / "final")
-        return SimpleNamespace(adapter_dir=final, trained_tokens=10 * self.steps)
+            with csv.open("a") as fh:
+                fh.write(f"{step},{loss},,0.001,50.0\n")
+            if step == self.steps or (config.save_steps and step % config.save_steps == 0):
+                path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}")
+                on_event("checkpoint", f"Checkpoint saved at step {step}", {"step": step, "path": str(path)})
+        final = _write_adapter(config.output_dir / "adapter")
+        return SimpleNamespace(adapter_dir=final, trained_tokens=10 * self.steps, metrics_csv=csv)
 
 
 def _write_adapter(path: Path) -> Path:
@@ -200,9 +208,10 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert done.estimated_finish is None and done.error is None
     config = trainer.configs[0]
     assert config.kwargs["learning_rate"] == DEFAULT_HYPERPARAMETERS["learning_rate"]
+    assert config.kwargs["target_modules"] == tuple(DEFAULT_HYPERPARAMETERS["target_modules"])
     assert config.kwargs["seed"] == 3 and trainer.data[0].startswith(b'{"instruction"')
     messages = setup.events(job.id)
-    assert messages[0] == "Fine-tuning job started"
+    assert messages[:2] == ["Fine-tuning job started", "Fine-tuning started: 4 examples, 5 steps"]
     assert [m for m in messages if m.startswith("Step")][:2] == [
         "Step 1/5: training loss=2.0000",
         "Step 2/5: training loss=1.0000",
@@ -212,11 +221,11 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
     assert len(metrics) == 5 and metrics[0].data is not None and metrics[0].data["tokens_per_second"] == 50.0
     models = {m.id: m for m in setup.store.models.since(0)}
-    assert set(models) == {name, f"{name}:ckpt-step-2", f"{name}:ckpt-step-4"}
+    assert set(models) == {name, *(f"{name}:ckpt-step-{n}" for n in (2, 4, 5))}
     for model in models.values():
         files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
         assert files == ADAPTER
-    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [4, 2]
+    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [5, 4, 2]
     results = setup.store.files.get(done.result_files[0], "acme")
     assert results is not None and results.purpose == "fine-tune-results"
     csv = b"".join(setup.storage.chunks(results)).decode().splitlines()
@@ -229,12 +238,40 @@ def test_a_training_error_fails_the_job_with_its_reason(setup: Setup) -> None:
     setup.worker(ScriptedTrainer(steps=5, fail_at=3)).run_once()
     failed = setup.store.jobs.get(job.id)
     assert failed is not None and failed.status == "failed" and failed.error is not None
-    assert "CUDA out of memory" in failed.error["message"] and failed.error["code"] == "training_failed"
+    assert "illegal memory access" in failed.error["message"] and failed.error["code"] == "training_failed"
     assert setup.events(job.id)[-1].startswith("Fine-tuning job failed")
     assert [m.step for m in setup.store.models.since(0)] == [
         2
     ]  # the checkpoint before the error stays usable
     assert not (setup.data / "work" / job.id).exists()
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "param", "text"),
+    [
+        (
+            ValueError("max_seq_length=16: no example fits"),
+            "invalid_training_setup",
+            "hyperparameters.max_seq_length",
+            "max_seq_length=16",
+        ),
+        (
+            ValueError("training_file: no example has an assistant token within max_seq_length"),
+            "invalid_training_setup",
+            "training_file",
+            "assistant token",
+        ),
+        (__import__("torch").OutOfMemoryError("CUDA out of memory"), "out_of_memory", None, "batch_size"),
+    ],
+)
+def test_trainer_errors_become_actionable_job_errors(
+    setup: Setup, error: Exception, code: str, param: str | None, text: str
+) -> None:
+    job = setup.job()
+    setup.worker(ScriptedTrainer(steps=3, fail_at=1, error=error)).run_once()
+    failed = _job(setup, job.id)
+    assert failed.status == "failed" and failed.error is not None
+    assert (failed.error["code"], failed.error["param"]) == (code, param) and text in failed.error["message"]
 
 
 def test_an_unknown_base_model_fails_with_a_clear_error(setup: Setup) -> None:
@@ -276,7 +313,7 @@ def test_shutdown_hands_the_job_back_and_a_new_worker_resumes_it(setup: Setup) -
     first.run_once()
     back = setup.store.jobs.get(job.id)
     assert back is not None and back.status == "queued" and back.attempts == 0
-    assert (setup.data / "work" / job.id / "trainer" / "checkpoint-4").is_dir()  # kept for the resume
+    assert (setup.data / "work" / job.id / "trainer" / "checkpoints" / "step-4").is_dir()  # kept to resume
     assert "will resume" in setup.events(job.id)[-1]
     resumed = ScriptedTrainer(steps=6)
     setup.worker(resumed, worker_id="w2").run_once()
@@ -289,7 +326,7 @@ def test_shutdown_hands_the_job_back_and_a_new_worker_resumes_it(setup: Setup) -
 def test_a_dead_workers_job_is_taken_over_after_its_lease(setup: Setup) -> None:
     job = setup.job()
     setup.store.jobs.claim("dead-host-0", now=time.time() - 60, lease_seconds=30)  # lease ran out 30 s ago
-    _write_adapter(setup.data / "work" / job.id / "trainer" / "checkpoint-4")
+    _write_adapter(setup.data / "work" / job.id / "trainer" / "checkpoints" / "step-4")
     trainer = ScriptedTrainer(steps=6)
     setup.worker(trainer, worker_id="w2").run_once()
     assert trainer.started_at == [5]
@@ -337,7 +374,7 @@ def test_two_workers_never_run_the_same_job(tmp_path: Path) -> None:
         trainer = ScriptedTrainer(steps=2, delay=0.01)
         worker = Worker(setup.settings, store=own, trainer=trainer, worker_id=name, heartbeat_seconds=0.05)
         while worker.run_once():
-            ran[name].append(str(trainer.configs[-1].kwargs["train_file"].parent.parent.name))
+            ran[name].append(str(trainer.configs[-1].kwargs["training_file"].parent.parent.name))
         own.close()
 
     threads = [threading.Thread(target=work, args=(n,)) for n in ran]
@@ -392,3 +429,56 @@ def test_the_worker_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
     assert json.loads(line)["worker_id"].endswith("-0")
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=15) == 0
+
+
+def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
+    """The worker's settings reach finetune.trainer as it expects, and what it exports the engine can load."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gateway.engine.lora import LoraAdapter
+    from tests.unit.test_data import make_chatml_tokenizer
+
+    tokenizer = make_chatml_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    setup = _setup(tmp_path)
+    model_dir = Path(setup.settings.models.base[BASE])
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    job = setup.job(save_steps=1)
+    setup.store.jobs.update(
+        job.id,
+        hyperparameters={
+            **job.hyperparameters,
+            "n_epochs": 2,
+            "batch_size": 2,
+            "max_seq_length": 64,
+            "learning_rate": 1e-2,
+        },
+    )
+    Worker(setup.settings, store=setup.store, heartbeat_seconds=0.05).run_once()
+    done = _job(setup, job.id)
+    assert done.status == "succeeded", done.error
+    assert done.trained_tokens is not None and done.trained_tokens > 0
+    final = setup.store.models.get(str(done.fine_tuned_model))
+    assert final is not None
+    adapter = LoraAdapter.load("t", setup.data / final.path, num_layers=2, dtype=torch.float32)
+    assert adapter.num_modules == 2 * 7  # every linear projection of both layers ("all-linear")
+    metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
+    assert [e.data["step"] for e in reversed(metrics) if e.data] == [1, 2, 3, 4]
+    assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {1, 2, 3, 4}
+    results = setup.store.files.get(done.result_files[0], None)
+    assert results is not None and b"".join(setup.storage.chunks(results)).startswith(b"step,train_loss")
+    setup.store.close()
