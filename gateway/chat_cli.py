@@ -303,15 +303,23 @@ class Chat:
 
 
 def _lines(stdin: IO[str], out: IO[str], interactive: bool) -> Iterator[str]:
+    """Input lines until end of input.  On a terminal, Ctrl-C drops the line being typed."""
     while True:
         if interactive:
             try:
-                yield input("> ")
+                line = input("> ")
             except EOFError:
                 out.write("\n")
                 return
+            except KeyboardInterrupt:
+                out.write("\n(Ctrl-D or /exit to leave)\n")
+                continue
+            yield line
         else:
-            line = stdin.readline()
+            try:
+                line = stdin.readline()
+            except KeyboardInterrupt:
+                return
             if not line:
                 return
             yield line
@@ -356,9 +364,8 @@ def run(args: argparse.Namespace, *, stdin: IO[str] | None = None, out: IO[str] 
                 break
         except ChatError as exc:
             err.write(f"gateway chat: {exc}\n")
-        except KeyboardInterrupt:
-            out.write("\n")
-            break
+        except KeyboardInterrupt:  # before the first token arrived; once streaming, say() handles it
+            out.write("\n[stopped]\n")
         except Exception as exc:
             problem = explain(exc, url)
             if problem is None:

@@ -106,3 +106,55 @@ def test_untrusted_certificate_is_one_line(gateway: Gateway, tmp_path: Path) -> 
 def test_missing_ca_file(gateway: Gateway, path: str) -> None:
     result = chat(gateway, "Hi\n", "--ca", path)
     assert (result.returncode, result.stderr) == (2, f"gateway chat: CA file {path} does not exist\n")
+
+
+def test_interactive_terminal(gateway: Gateway) -> None:
+    """On a terminal: a banner, a `> ` prompt, line editing via readline, Ctrl-D to leave."""
+    import os
+    import select
+    import signal
+    import time
+
+    controller, terminal = os.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gateway.cli", "chat", "--temperature", "0", "--max-tokens", "24"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=gateway.env(),
+        cwd=REPO,
+        close_fds=True,
+    )
+    os.close(terminal)
+    seen = b""
+
+    def read_until(marker: bytes, count: int = 1, timeout: float = 120) -> None:
+        nonlocal seen
+        deadline = time.monotonic() + timeout
+        while seen.count(marker) < count and time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.5)[0]:
+                try:
+                    seen += os.read(controller, 4096)
+                except OSError:  # the child closed the terminal
+                    return
+
+    try:
+        read_until(b"> ")
+        os.write(controller, b"What is the capital of France?\r")
+        read_until(b"\n> ", count=2)  # the reply, then the next prompt (Ctrl-D before it would be lost)
+        os.write(controller, b"half a line")
+        read_until(b"half a line")  # echoed by readline, which now waits in select() as it does for a person
+        time.sleep(0.5)
+        process.send_signal(signal.SIGINT)  # Ctrl-C (the pty is not its controlling terminal, so by hand)
+        read_until(b"\n> ", count=3)
+        os.write(controller, b"\x04")  # Ctrl-D
+        assert process.wait(timeout=60) == 0
+        read_until(b"never", timeout=1)  # drain what is left
+    finally:
+        if process.poll() is None:
+            process.kill()
+        os.close(controller)
+    text = seen.decode(errors="replace")
+    assert f"chatting with {MODEL} at {gateway.url}" in text
+    assert "Paris" in text and "Traceback" not in text
+    assert "(Ctrl-D or /exit to leave)" in text
