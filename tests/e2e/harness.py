@@ -32,7 +32,7 @@ def free_port() -> int:
 def make_certs(out: Path) -> None:
     sys.path.insert(0, str(REPO / "certs"))
     try:
-        from make_dev_certs import make_certs as _make  # type: ignore[import-not-found]
+        from make_dev_certs import make_certs as _make
     finally:
         sys.path.pop(0)
     _make(out)

@@ -8,6 +8,7 @@ import hmac
 import json
 import stat
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,11 @@ def test_required_claims(keys: dict[str, Any], claim: str) -> None:
     assert f"'{claim}'" in _reason(_verifier(keys["EdDSA"], ["EdDSA"]), token)
 
 
+@dataclass(frozen=True)
+class FromNow:
+    seconds: int
+
+
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
@@ -194,9 +200,9 @@ def test_required_claims(keys: dict[str, Any], claim: str) -> None:
         ({"aud": AUD + "-suffix"}, "audience"),
         ({"iss": "evil-issuer"}, "issuer"),
         ({"iss": ISS[:-1]}, "issuer"),
-        ({"exp": int(time.time()) - 120}, "expired"),
-        ({"nbf": int(time.time()) + 120}, "not valid yet"),
-        ({"iat": int(time.time()) + 120}, "not valid yet"),
+        ({"exp": FromNow(-120)}, "expired"),
+        ({"nbf": FromNow(120)}, "not valid yet"),
+        ({"iat": FromNow(120)}, "not valid yet"),
         ({"sub": ""}, "'sub'"),
         ({"sub": 42}, "'sub'"),
         ({"org": ["acme"]}, "'org'"),
@@ -205,7 +211,9 @@ def test_required_claims(keys: dict[str, Any], claim: str) -> None:
     ],
 )
 def test_claim_checks(keys: dict[str, Any], overrides: dict[str, Any], expected: str) -> None:
-    token = jwt.encode(_claims(**overrides), keys["EdDSA"], algorithm="EdDSA")
+    now = int(time.time())  # times are taken when the test runs, not when it is collected
+    resolved = {k: now + v.seconds if isinstance(v, FromNow) else v for k, v in overrides.items()}
+    token = jwt.encode(_claims(**resolved), keys["EdDSA"], algorithm="EdDSA")
     reason = _reason(_verifier(keys["EdDSA"], ["EdDSA"], leeway=30), token)
     assert expected in reason
     assert token not in reason and token.split(".")[1] not in reason
