@@ -3,7 +3,6 @@ environment variables its header tells a newcomer to set (GATEWAY_URL, GATEWAY_C
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -114,13 +113,6 @@ def test_verify_audit_fails_on_a_tampered_copy(gateway: Gateway, tmp_path: Path)
 # -- fine-tuning: needs the worker --------------------------------------------------------------------------
 
 
-def _finetune_missing() -> str | None:
-    for module in ("finetune.data", "finetune.trainer", "finetune.worker"):
-        if importlib.util.find_spec(module) is None:
-            return f"{module} has not landed yet; the walkthrough is written against OpenAI's fine-tuning API"
-    return None
-
-
 @pytest.fixture(scope="module")
 def training_gateway(
     tmp_path_factory: pytest.TempPathFactory, certs: Path, model_dir: Path
@@ -132,12 +124,12 @@ def training_gateway(
 
 @pytest.mark.slow
 @needs_curl
-@pytest.mark.xfail(_finetune_missing() is not None, reason=str(_finetune_missing()), run=False, strict=True)
 def test_finetune_curl_then_langchain(training_gateway: Gateway) -> None:
-    env = example_env(training_gateway, FINETUNE_SCOPES, FT_EPOCHS="2", FT_TIMEOUT="780")
+    # One epoch of the 16 demo rows: 8 optimizer steps, a few minutes on two busy CPU cores.
+    env = example_env(training_gateway, FINETUNE_SCOPES, FT_EPOCHS="1", FT_TIMEOUT="780")
     result = run_example(["bash", str(EXAMPLES / "finetune_curl.sh")], env, timeout=840)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert "status: succeeded" in result.stdout
+    assert "status: running" in result.stdout and "status: succeeded" in result.stdout
     fine_tuned = result.stdout.rsplit("FINE_TUNED_MODEL=", 1)[1].strip()
     assert fine_tuned.startswith(f"ft:{MODEL}:")
     reply = json.loads(result.stdout.split("== 4. chat with it ==\n", 1)[1].split("\nFINE_TUNED_MODEL=")[0])
