@@ -86,9 +86,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         uvicorn.Server(config).run()
     finally:
         if worker is not None:
-            worker.terminate()
-            worker.wait(timeout=30)
+            _stop_worker(worker)
     return 0
+
+
+def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
+    """SIGTERM lets the worker hand its job back (it resumes from the last checkpoint); kill if it hangs."""
+    worker.terminate()
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
 
 
 def _start_worker(args: argparse.Namespace, settings: Settings) -> subprocess.Popen[bytes] | None:
