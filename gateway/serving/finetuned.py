@@ -48,6 +48,7 @@ class FineTunedModels:
         self.data_dir = data_dir
         self.poll_seconds = poll_seconds
         self._last_seq = 0
+        self._known: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -90,9 +91,20 @@ class FineTunedModels:
         added = []
         for record in await asyncio.to_thread(self.store.models.since, self._last_seq):
             self._last_seq = max(self._last_seq, record.seq)
+            if record.id in self._known:  # registered on demand already (see resolve)
+                continue
             if await asyncio.to_thread(self._register, record, preload and record.step is None):
                 added.append(record.id)
         return added
+
+    def resolve(self, model_id: str) -> None:
+        """The registry's miss hook: a model the poll has not picked up yet is registered now (its adapter
+        loads on first use), so a job's model is usable the moment the job reads `succeeded`."""
+        if not model_id.startswith("ft:") or model_id in self._known:
+            return
+        record = self.store.models.get(model_id)
+        if record is not None:
+            self._register(record, preload=False)
 
     def _register(self, record: ModelRecord, preload: bool) -> bool:
         path = self.data_dir / record.path
@@ -112,6 +124,7 @@ class FineTunedModels:
             # the engine is not up yet (or busy loading): keep the model, load it on first use instead
             log.warning("finetuned.preload_failed", model=record.id, error_type=type(exc).__name__)
             return self._register(record, preload=False)
+        self._known.add(record.id)
         log.info("finetuned.registered", model=record.id, job_id=record.job_id, preloaded=preload)
         return True
 
@@ -123,6 +136,7 @@ class FineTunedModels:
         if record is None:
             return
         await asyncio.to_thread(self.store.models.delete, record.id)
+        self._known.discard(record.id)
         await asyncio.to_thread(shutil.rmtree, self.data_dir / record.path, True)
         log.info("finetuned.deleted", model=record.id, job_id=record.job_id)
 
@@ -143,6 +157,7 @@ class FineTuningServices:
         self.jobs = JobService(self.store, self.storage, registry)
         self.models = FineTunedModels(self.store, registry, cipher, data_dir)
         registry.adapter_opener = self.models.open_adapter
+        registry.on_miss = self.models.resolve
 
     async def start(self) -> None:
         await asyncio.to_thread(self.storage.sweep)

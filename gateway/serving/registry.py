@@ -71,6 +71,9 @@ class ModelRegistry:
         }
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.adapter_opener = adapter_opener
+        # Called with an unknown model id before answering 404: lets the fine-tuning store register a model
+        # a worker finished a moment ago, so it is usable the instant its job reads `succeeded`.
+        self.on_miss: Callable[[str], None] | None = None
 
     # -- listing -----------------------------------------------------------------------------------------
 
@@ -79,6 +82,9 @@ class ModelRegistry:
 
     def get(self, model_id: str, principal: Principal) -> ModelEntry:
         entry = self._entries.get(model_id)
+        if entry is None and self.on_miss is not None:
+            self.on_miss(model_id)
+            entry = self._entries.get(model_id)
         if entry is None or not self._can_see(entry, principal):
             raise _not_found(model_id)
         return entry

@@ -375,6 +375,25 @@ def test_a_new_fine_tuned_model_is_servable_within_a_second(api: Api) -> None:
     assert model_id not in [m["id"] for m in api.get("/v1/models", org="globex").json()["data"]]
 
 
+def test_a_model_finished_a_moment_ago_is_usable_before_the_poll_sees_it(api: Api) -> None:
+    data = Path(api.settings.data_dir)
+    bridge = api.app.app.state["model_remover"].__self__  # the hot-load bridge (FineTunedModels)
+    bridge.poll_seconds = 3600.0
+    time.sleep(0.5)  # its poll is asleep for an hour now: only the on-demand lookup can find the model
+    model_id = f"ft:{BASE}:acme::now12345"
+    _model_row(api, model_id, _adapter(data, "final"))
+    chat = api.client.post(  # at once: the registry asks the store about an id it does not know yet
+        "/v1/chat/completions",
+        headers=api.headers(),
+        json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert chat.status_code == 200, chat.text
+    assert api.engine.requests[-1].adapter == model_id
+    assert api.get(f"/v1/models/{model_id}", org="globex").status_code == 404  # still the tenant's alone
+    missing = api.get(f"/v1/models/ft:{BASE}:acme::nothere1")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
+
+
 def test_deleting_a_fine_tuned_model_removes_it_for_good(tmp_path: Path) -> None:
     data = tmp_path / "data"
     model_id = f"ft:{BASE}:acme::abcd1234"
