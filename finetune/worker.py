@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import io
 import os
@@ -186,15 +187,11 @@ class Worker:
         while not run.stop.wait(self.heartbeat_seconds):
             try:
                 ours = self.store.jobs.heartbeat(
-                    run.job.id, self.worker_id, lease_until=time.time() + self.lease_seconds
+                    run.job.id,
+                    self.worker_id,
+                    lease_until=time.time() + self.lease_seconds,
+                    estimated_finish=run.estimated_finish,
                 )
-                if ours and run.estimated_finish is not None:
-                    self.store.jobs.update(
-                        run.job.id,
-                        status_in=("running",),
-                        worker_id=self.worker_id,
-                        estimated_finish=run.estimated_finish,
-                    )
             except Exception as exc:  # a busy database: the lease has slack; try again next beat
                 log.warning("worker.heartbeat_failed", job_id=run.job.id, error_type=type(exc).__name__)
                 continue
@@ -297,7 +294,7 @@ class Worker:
         if kind == "metrics":
             self._metrics(run, data)
         elif kind == "checkpoint":
-            self._checkpoint(run, int(data["step"]), Path(data["path"]), data)
+            self._checkpoint(run, int(data["step"]), Path(data["path"]))
         elif kind == "validation":
             run.last_valid_loss = float(data["valid_loss"])
             self._event(run.job, message, type="metrics", data=data)
@@ -318,11 +315,13 @@ class Worker:
         where = f"Step {step}/{total}" if total else f"Step {step}"
         self._event(run.job, f"{where}: training loss={run.last_train_loss:.4f}", type="metrics", data=data)
 
-    def _checkpoint(self, run: _Run, step: int, source: Path, data: dict[str, Any]) -> None:
+    def _checkpoint(self, run: _Run, step: int, source: Path) -> None:
         job = run.job
         name = fine_tuned_name(job.model, job.tenant, job.suffix, job.id) + f":ckpt-step-{step}"
         relative = self._export(source, job.id, f"ckpt-step-{step}")
-        metrics = {"step": step, **{k: v for k, v in data.items() if k in ("train_loss", "valid_loss")}}
+        # the trainer reports a step's losses before its checkpoint
+        losses = {"train_loss": run.last_train_loss, "valid_loss": run.last_valid_loss}
+        metrics = {"step": step, **{k: v for k, v in losses.items() if v is not None}}
         now = int(time.time())
         with self.store.db.transaction():
             self.store.checkpoints.add(
@@ -489,10 +488,31 @@ def torch_oom() -> type[BaseException]:
     return torch.OutOfMemoryError
 
 
+def _stop_with_gateway_parent() -> None:
+    """Started by `gateway serve`: get SIGTERM (hand the job back, exit) when that gateway dies, even by
+    SIGKILL, instead of training on as an orphan.  A worker started otherwise (systemd, a shell) is left
+    alone."""
+    parent = os.getppid()
+    try:
+        argv = Path(f"/proc/{parent}/cmdline").read_bytes().split(b"\0")
+    except OSError:  # not Linux
+        return
+    if b"serve" not in argv or not any(part.endswith((b"gateway", b"gateway.cli")) for part in argv):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     from gateway.logs import configure_logging
     from gateway.private_files import restrict_umask
 
+    _stop_with_gateway_parent()  # first: the gateway may die while this process starts up
     parser = argparse.ArgumentParser(prog="python -m finetune.worker", description="Run fine-tuning jobs.")
     parser.add_argument("--config", help="TOML settings file (or GATEWAY_CONFIG)")
     parser.add_argument("--once", action="store_true", help="run at most one job, then exit")

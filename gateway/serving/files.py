@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import os
 import re
-import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -251,7 +250,3 @@ def _clean_name(filename: str) -> str:
     """The client's file name, as metadata only (never a path): base name, no control characters."""
     name = _UNSAFE_NAME.sub("_", filename.replace("\\", "/").rsplit("/", 1)[-1]).strip() or "upload"
     return name[:255]
-
-
-def remove_tree(path: Path) -> None:
-    shutil.rmtree(path, ignore_errors=True)

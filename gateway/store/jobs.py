@@ -167,9 +167,12 @@ class JobsRepo:
             claimed = conn.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return JobRecord.from_row(claimed)
 
-    def heartbeat(self, job_id: str, worker_id: str, *, lease_until: float) -> bool:
-        """Renew the lease; False when the job is no longer this worker's running job (cancelled, taken)."""
-        return self.update(job_id, status_in=("running",), worker_id=worker_id, lease_until=lease_until)
+    def heartbeat(self, job_id: str, worker_id: str, *, lease_until: float, **progress: Any) -> bool:
+        """Renew the lease (and set `progress` fields such as estimated_finish); False when the job is no
+        longer this worker's running job (cancelled, or taken over)."""
+        return self.update(
+            job_id, status_in=("running",), worker_id=worker_id, lease_until=lease_until, **progress
+        )
 
     def release(self, job_id: str, worker_id: str) -> bool:
         """A worker shutting down cleanly hands its running job back to the queue (it resumes later, and the

@@ -225,7 +225,9 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     for model in models.values():
         files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
         assert files == ADAPTER
-    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [5, 4, 2]
+    checkpoints = setup.store.checkpoints.list_page(job.id).items
+    assert [c.step for c in checkpoints] == [5, 4, 2]
+    assert checkpoints[1].metrics == {"step": 4, "train_loss": 0.5}  # the step's loss, logged just before
     results = setup.store.files.get(done.result_files[0], "acme")
     assert results is not None and results.purpose == "fine-tune-results"
     csv = b"".join(setup.storage.chunks(results)).decode().splitlines()
@@ -482,3 +484,43 @@ def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     results = setup.store.files.get(done.result_files[0], None)
     assert results is not None and b"".join(setup.storage.chunks(results)).startswith(b"step,train_loss")
     setup.store.close()
+
+
+def test_a_worker_started_by_gateway_serve_stops_when_the_gateway_dies(tmp_path: Path) -> None:
+    """Even a SIGKILLed gateway leaves no orphan worker training on (PR_SET_PDEATHSIG)."""
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_FINETUNE__POLL_SECONDS": "0.1"}
+    parent_code = (
+        "import subprocess, sys, time\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'finetune.worker'])\n"
+        "print(p.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    # the parent's command line reads like `python -m gateway.cli serve`, which is what the worker looks for
+    parent = subprocess.Popen(
+        [sys.executable, "-c", parent_code, "gateway.cli", "serve"],
+        env=env,
+        stdout=subprocess.PIPE,
+        cwd=Path(__file__).resolve().parents[2],
+    )
+    assert parent.stdout is not None
+    worker_pid = int(parent.stdout.readline())
+    lock = tmp_path / "data" / "workers"
+    deadline = time.monotonic() + 30
+    while not list(lock.glob("*.lock")) and time.monotonic() < deadline:  # the worker is up
+        time.sleep(0.1)
+    time.sleep(0.5)  # and past its start-up (before the SIGTERM handler exists, SIGTERM just ends it)
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker_pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker_pid, signal.SIGKILL)
+    raise AssertionError("the worker outlived the gateway that started it")
