@@ -7,8 +7,11 @@ Where the speed comes from (bench/bench_training.py measures it against the Hugg
 - examples are packed end to end into one row (finetune.data.pack), so no compute is spent on padding, and
   `_packed_attention` runs causal attention per example, so none is spent across examples either (a dense
   block-diagonal mask would cost attention over the whole row and lose sdpa's grouped-query fast path);
+- a prompt prefix the examples of a batch share (system prompt, instruction) is computed once, and tokens
+  after an example's last learned one not at all: both leave the loss and its gradients unchanged;
 - logits are computed only where a label is learned (`logits_to_keep`): for chat data most tokens are prompt,
-  and the 49k-wide vocabulary projection is the largest single matmul of a small model.
+  and the 49k-wide vocabulary projection is the largest single matmul of a small model;
+- on a CPU, LoRA dropout draws its masks as float uniforms (`_CpuDropout`), not double-precision bernoullis.
 
 Checkpoints (adapter + optimizer, scheduler and RNG state) are written atomically; a run resumes from the
 latest complete one and continues the exact loss curve it would have followed.  Only counts and losses are
@@ -34,6 +37,7 @@ from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
 from finetune.base_model import load_model, load_tokenizer
@@ -354,8 +358,30 @@ def _build_model(config: TrainConfig, device: torch.device) -> Any:
         task_type="CAUSAL_LM",
     )
     peft_model = get_peft_model(model, lora)
+    if device.type == "cpu":  # on CUDA torch's dropout is already a fused kernel
+        for module in peft_model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in dropouts.items():
+                    if isinstance(dropout, torch.nn.Dropout):
+                        dropouts[name] = _CpuDropout(dropout.p)
     peft_model.train()
     return peft_model
+
+
+class _CpuDropout(torch.nn.Dropout):
+    """nn.Dropout's distribution at about a quarter of its cost on a CPU.
+
+    torch's CPU dropout draws its mask with bernoulli_ in double precision and backpropagates through a
+    division; a float uniform draw compared with p gives the same keep-probability.  LoRA applies dropout
+    to the input of every adapted projection, so on a CPU this was a tenth of a whole training step.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return input
+        keep = torch.rand_like(input).ge_(self.p).mul_(1 / (1 - self.p))
+        return input * keep
 
 
 def _load_quantized(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Any:
@@ -436,7 +462,7 @@ def _train(run: _Run, on_event: EventSink, should_stop: Callable[[], bool]) -> T
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
         run.step += 1
-        tokens = sum(batch.tokens for batch in micro_batches)
+        tokens = sum(batch.example_tokens for batch in micro_batches)
         run.trained_tokens += tokens
         run.last_loss = loss_sum / learned
         window.add(tokens, loss_sum, learned)
@@ -488,13 +514,13 @@ def _micro_batches(run: _Run) -> list[Batch]:
 
 def _loss_sum(model: Any, batch: Batch, device: torch.device) -> torch.Tensor:
     """Summed next-token cross-entropy over the batch's learned tokens."""
-    # Position t predicts token t + 1; each example's first label is IGNORE_INDEX: no loss crosses examples.
-    targets = torch.tensor([*batch.labels[1:], IGNORE_INDEX], device=device)
+    targets = torch.tensor(batch.targets, device=device)
     learned = targets != IGNORE_INDEX
     output = model(
         input_ids=torch.tensor([batch.input_ids], device=device),
         position_ids=torch.tensor([batch.position_ids], device=device),
         cu_seq_lens_q=torch.tensor(batch.boundaries),  # read on the host by _packed_attention
+        shared_prefix_length=batch.shared_prefix,
         logits_to_keep=learned.unsqueeze(0),  # project onto the vocabulary only where a label is learned
         use_cache=False,
     )
@@ -511,29 +537,38 @@ def _packed_attention(
     dropout: float = 0.0,
     scaling: float | None = None,
     cu_seq_lens_q: torch.Tensor | None = None,
+    shared_prefix_length: int = 0,
     **_: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Causal sdpa per packed example: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out.
+    """Causal sdpa per packed segment: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out.
 
-    The model makes no mask for this attention implementation (transformers skips mask creation for names it
-    does not know), so nothing of size tokens x tokens is ever built.
+    A segment sees itself causally and, when the batch has one (finetune.data.Batch), the shared prefix.
+    The model builds no mask for this implementation (transformers skips mask creation for names it does not
+    know), so nothing of size tokens x tokens exists.
     """
     if attention_mask is not None:
         raise ValueError("packed attention takes no attention mask: pack examples instead of padding them")
-    length = query.shape[2]
-    bounds = [0, length] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
-    outputs = [
-        F.scaled_dot_product_attention(
-            query[:, :, start:end],
-            key[:, :, start:end],
-            value[:, :, start:end],
-            dropout_p=dropout,
-            scale=scaling,
-            is_causal=True,
-            enable_gqa=True,
+    bounds = [0, query.shape[2]] if cu_seq_lens_q is None else cu_seq_lens_q.tolist()
+    prefix = shared_prefix_length
+    outputs = []
+    for start, end in pairwise(bounds):
+        keys, values, mask = key[:, :, start:end], value[:, :, start:end], None
+        if prefix and start >= prefix:  # an example continuing the shared prefix
+            keys = torch.cat([key[:, :, :prefix], keys], dim=2)
+            values = torch.cat([value[:, :, :prefix], values], dim=2)
+            mask = causal_lower_right(end - start, prefix + end - start)  # all of the prefix, then causal
+        outputs.append(
+            F.scaled_dot_product_attention(
+                query[:, :, start:end],
+                keys,
+                values,
+                attn_mask=mask,
+                dropout_p=dropout,
+                scale=scaling,
+                is_causal=mask is None,
+                enable_gqa=True,
+            )
         )
-        for start, end in pairwise(bounds)
-    ]
     return torch.cat(outputs, dim=2).transpose(1, 2).contiguous(), None
 
 

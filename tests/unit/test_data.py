@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerFast
 
 from finetune.data import (
     IGNORE_INDEX,
+    Batch,
     DataError,
     Example,
     Turn,
@@ -345,30 +346,81 @@ def test_a_conversation_the_template_refuses_is_dropped(tokenizer: PreTrainedTok
 # --- packing ------------------------------------------------------------------------------------------------
 
 
-def examples_of_lengths(*lengths: int) -> list[Example]:
-    return [
-        Example(list(range(100 * i, 100 * i + n)), [IGNORE_INDEX, *range(100 * i + 1, 100 * i + n)])
-        for i, n in enumerate(lengths)
-    ]
+def example(tokens: list[int], learned_from: int, learned_to: int) -> Example:
+    """Labels learned on positions [learned_from, learned_to), like a reply and its end-of-turn token."""
+    labels = [t if learned_from <= i < learned_to else IGNORE_INDEX for i, t in enumerate(tokens)]
+    return Example(tokens, labels)
+
+
+def distinct_examples(*lengths: int) -> list[Example]:
+    """No shared prefix; the reply is the second half but for the last token (formatting, not learned)."""
+    return [example(list(range(100 * i, 100 * i + n)), n // 2, n - 1) for i, n in enumerate(lengths)]
+
+
+def segments(batch: Batch) -> list[tuple[list[int], list[int], list[int]]]:
+    """(input_ids, targets, position_ids) of each example, the shared prefix put back in front."""
+    prefix = batch.shared_prefix
+    ids, targets, positions = batch.input_ids, batch.targets, batch.position_ids
+    found = []
+    for start, end in zip(batch.boundaries, batch.boundaries[1:], strict=False):
+        if prefix and start == 0:
+            continue
+        found.append(
+            (
+                ids[:prefix] + ids[start:end],
+                targets[:prefix] + targets[start:end],
+                positions[:prefix] + positions[start:end],
+            )
+        )
+    return found
 
 
 def test_pack_lays_examples_end_to_end_with_restarting_positions() -> None:
-    examples = examples_of_lengths(5, 3, 4, 2, 6)
+    examples = distinct_examples(5, 3, 4, 2, 6)
     batches = pack(examples, max_tokens_per_batch=9, seed=0)
     seen = []
     for batch in batches:
-        assert batch.tokens <= 9
-        assert len(batch.input_ids) == len(batch.labels) == len(batch.position_ids) == batch.boundaries[-1]
-        for start, end in zip(batch.boundaries, batch.boundaries[1:], strict=False):
-            assert batch.position_ids[start:end] == list(range(end - start))
-            assert batch.labels[start] == IGNORE_INDEX  # never predicted from the previous example
-            seen.append(batch.input_ids[start:end])
-    assert sorted(seen) == sorted(e.input_ids for e in examples)  # each example exactly once, unsplit
+        assert batch.shared_prefix == 0
+        assert batch.example_tokens <= 9
+        assert len(batch.input_ids) == len(batch.targets) == len(batch.position_ids) == batch.boundaries[-1]
+        for ids, targets, positions in segments(batch):
+            [source] = [e for e in examples if e.input_ids[: len(ids)] == ids]
+            # Cut after the input that predicts the last learned token; each input predicts the next label.
+            last = max(i for i, label in enumerate(source.labels) if label != IGNORE_INDEX)
+            assert len(ids) == last == len(source.input_ids) - 2
+            assert targets == source.labels[1 : last + 1]
+            assert positions == list(range(len(ids)))
+            seen.append(source)
+    learnable = [e for e in examples if e.trainable_tokens]  # the 2-token one has nothing to learn: skipped
+    assert len(learnable) == 4
+    assert sorted(e.input_ids for e in seen) == sorted(e.input_ids for e in learnable)  # each exactly once
     assert sum(b.trainable_tokens for b in batches) == sum(e.trainable_tokens for e in examples)
+    assert sum(b.example_tokens for b in batches) == sum(len(e.input_ids) for e in learnable)
+
+
+def test_pack_lays_a_shared_prompt_prefix_down_once() -> None:
+    prompt = [7, 8, 9, 10, 11]
+    examples = [
+        example([*prompt, 20, 21, 22, 2, 1], 5, 9),  # learned from position 5: the prefix stops before it
+        example([*prompt, 30, 31, 2, 1], 6, 8),
+        example([7, 8, 9, 10, 11, 12, 40, 2, 1], 7, 8),  # shares one more prompt token with no one
+    ]
+    [batch] = pack(examples, max_tokens_per_batch=100, seed=0)
+    assert batch.shared_prefix == 4  # position 4 predicts the first example's first reply token: not shared
+    assert batch.input_ids[:4] == prompt[:4]
+    assert batch.examples == 3
+    rebuilt = segments(batch)
+    for source in examples:
+        end = max(i for i, label in enumerate(source.labels) if label != IGNORE_INDEX)
+        assert (source.input_ids[:end], source.labels[1 : end + 1], list(range(end))) in rebuilt
+    assert batch.tokens == 4 + sum(end - 4 for end in (8, 7, 7))
+    assert batch.example_tokens == 10 + 9 + 9
+    assert pack(examples, 100, seed=0, share_prefix=False)[0].shared_prefix == 0
+    assert pack(examples[:1], 100, seed=0)[0].shared_prefix == 0  # nothing to share with
 
 
 def test_pack_is_seeded_and_respects_the_example_limit() -> None:
-    examples = examples_of_lengths(*range(2, 22))
+    examples = distinct_examples(*range(3, 23))
     first = pack(examples, 10_000, seed=1, max_examples_per_batch=3)
     assert first == pack(examples, 10_000, seed=1, max_examples_per_batch=3)
     assert first != pack(examples, 10_000, seed=2, max_examples_per_batch=3)
@@ -377,4 +429,4 @@ def test_pack_is_seeded_and_respects_the_example_limit() -> None:
 
 def test_pack_refuses_an_example_longer_than_a_batch() -> None:
     with pytest.raises(ValueError, match="max_tokens_per_batch"):
-        pack(examples_of_lengths(4, 12), max_tokens_per_batch=10, seed=0)
+        pack(distinct_examples(4, 12), max_tokens_per_batch=10, seed=0)

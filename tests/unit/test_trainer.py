@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from finetune import trainer
-from finetune.data import IGNORE_INDEX, Turn, pack, tokenize
-from finetune.trainer import TrainConfig, TrainingCancelled, train
+from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
+from finetune.trainer import ALL_LINEAR, TrainConfig, TrainingCancelled, train
 from tests.unit.test_data import SECRET, make_chatml_tokenizer
 
 QA = [
@@ -120,53 +120,63 @@ def assert_only_results_left(output_dir: Path) -> None:
 # --- packing ------------------------------------------------------------------------------------------------
 
 
-def per_token_losses(logits: torch.Tensor, labels: list[int]) -> torch.Tensor:
-    targets = torch.tensor([*labels[1:], IGNORE_INDEX])
-    return torch.nn.functional.cross_entropy(logits, targets, reduction="none", ignore_index=IGNORE_INDEX)
+def per_token_losses(logits: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    targets_ = torch.tensor(targets)
+    return torch.nn.functional.cross_entropy(logits, targets_, reduction="none", ignore_index=IGNORE_INDEX)
+
+
+def qa_examples(tokenizer: Any, count: int) -> list[Example]:
+    conversations = [[Turn("user", q, False), Turn("assistant", a, True)] for q, a in QA[:count]]
+    return tokenize(conversations, tokenizer, max_seq_length=64)
 
 
 @pytest.mark.parametrize("attention", ["packed", "sdpa"])
 def test_packed_examples_score_exactly_as_when_alone(
     base_model: Path, tokenizer: Any, attention: str
 ) -> None:
-    """Per-example logits and loss in a packed row equal those of the example run alone with plain sdpa.
+    """Per-example logits and losses in a packed row equal those of each example run alone with plain sdpa.
 
-    "packed" is the trainer's per-example attention; "sdpa" is transformers' own packed-sequence detection
-    from restarting position_ids (masking_utils.find_packed_sequence_indices), which needs no attention_mask
-    and no cache to kick in.
+    "packed" is the trainer's attention, here with the shared prompt prefix laid down once; "sdpa" is
+    transformers' own packed-sequence detection from restarting position_ids
+    (masking_utils.find_packed_sequence_indices: no attention_mask, no cache), which knows nothing of a
+    shared prefix.
     """
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-    conversations = [[Turn("user", q, False), Turn("assistant", a, True)] for q, a in QA[:4]]
-    examples = tokenize(conversations, tokenizer, max_seq_length=64)
-    [batch] = pack(examples, max_tokens_per_batch=1024, seed=0)
+    examples = qa_examples(tokenizer, 4)
+    [batch] = pack(examples, max_tokens_per_batch=1024, seed=0, share_prefix=attention == "packed")
     assert batch.examples == 4
+    assert (batch.shared_prefix > 0) == (attention == "packed")  # the template's system prompt, at least
 
-    alone = []
     with torch.no_grad():
-        for example in examples:
-            alone.append(model(input_ids=torch.tensor([example.input_ids]), use_cache=False).logits[0])
+        alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in examples]
         model.set_attn_implementation(trainer._PACKED_ATTENTION if attention == "packed" else "sdpa")
         packed = model(
             input_ids=torch.tensor([batch.input_ids]),
             position_ids=torch.tensor([batch.position_ids]),
             cu_seq_lens_q=torch.tensor(batch.boundaries),
+            shared_prefix_length=batch.shared_prefix,
             use_cache=False,
         ).logits[0]
-        # Control: the same row without restarting positions lets examples see each other.
+        # Control: the same row with plain causal attention over it all lets examples see each other.
         model.set_attn_implementation("sdpa")
         leaky = model(input_ids=torch.tensor([batch.input_ids]), use_cache=False).logits[0]
 
-    by_ids = {tuple(e.input_ids): (e, logits) for e, logits in zip(examples, alone, strict=True)}
-    for start, end in zip(batch.boundaries, batch.boundaries[1:], strict=False):
-        example, logits = by_ids[tuple(batch.input_ids[start:end])]
-        torch.testing.assert_close(packed[start:end], logits, rtol=1e-5, atol=1e-5)
+    prefix = batch.shared_prefix
+    starts = [start for start in batch.boundaries[:-1] if not (prefix and start == 0)]
+    for start, end in zip(starts, batch.boundaries[len(batch.boundaries) - len(starts) :], strict=True):
+        ids = batch.input_ids[:prefix] + batch.input_ids[start:end]
+        [(example, reference)] = [
+            (e, r) for e, r in zip(examples, alone, strict=True) if e.input_ids[: len(ids)] == ids
+        ]
+        logits = torch.cat([packed[:prefix], packed[start:end]])
+        torch.testing.assert_close(logits, reference[: len(ids)], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(
-            per_token_losses(packed[start:end], batch.labels[start:end]),
-            per_token_losses(logits, example.labels),
+            per_token_losses(logits, batch.targets[:prefix] + batch.targets[start:end]),
+            per_token_losses(reference[: len(ids)], example.labels[1 : len(ids) + 1]),
             rtol=1e-5,
             atol=1e-5,
         )
-    second = batch.boundaries[1]
+    second = starts[1]
     assert not torch.allclose(leaky[second:], packed[second:], atol=1e-3)
 
 
@@ -175,9 +185,10 @@ def test_loss_sum_counts_only_learned_tokens_and_never_crosses_examples(
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
     model.set_attn_implementation(trainer._PACKED_ATTENTION)
-    conversations = [[Turn("user", q, False), Turn("assistant", a, True)] for q, a in QA]
-    examples = tokenize(conversations, tokenizer, max_seq_length=64)
+    examples = qa_examples(tokenizer, len(QA))
     [batch] = pack(examples, max_tokens_per_batch=1024, seed=3)
+    assert batch.shared_prefix > 0
+    assert batch.tokens < batch.example_tokens == sum(len(e.input_ids) for e in examples)
     with torch.no_grad():
         packed_sum = trainer._loss_sum(model, batch, torch.device("cpu"))
         alone_sum = 0.0
@@ -188,6 +199,31 @@ def test_loss_sum_counts_only_learned_tokens_and_never_crosses_examples(
             alone_sum += loss.item() * example.trainable_tokens
     assert batch.trainable_tokens == sum(e.trainable_tokens for e in examples)
     assert packed_sum.item() == pytest.approx(alone_sum, rel=1e-5)
+
+
+def test_packed_batch_gives_the_gradients_of_examples_trained_alone(base_model: Path, tokenizer: Any) -> None:
+    torch.manual_seed(0)
+    lora = LoraConfig(r=4, lora_dropout=0.0, target_modules=list(ALL_LINEAR), init_lora_weights=False)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32), lora)
+    examples = qa_examples(tokenizer, len(QA))
+    [batch] = pack(examples, max_tokens_per_batch=1024, seed=0)
+    assert batch.shared_prefix > 0
+
+    model.get_base_model().set_attn_implementation(trainer._PACKED_ATTENTION)
+    trainer._loss_sum(model, batch, torch.device("cpu")).backward()
+    packed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.get_base_model().set_attn_implementation("sdpa")
+    for example in examples:
+        ids, labels = torch.tensor([example.input_ids]), torch.tensor([example.labels])
+        (model(input_ids=ids, labels=labels, use_cache=False).loss * example.trainable_tokens).backward()
+    alone = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+    assert len(packed) == len(alone) == 2 * 7 * 2  # A and B of seven projections in two layers
+    for name, grad in alone.items():
+        # Summation order differs (the prefix's gradient arrives summed): compare at fp32 noise level.
+        error = (packed[name] - grad).norm() / grad.norm()
+        assert error < 1e-5, name
 
 
 # --- training -----------------------------------------------------------------------------------------------
@@ -404,6 +440,33 @@ def test_qlora_4bit_trains_on_cpu(base_model: Path, chat_file: Path, tmp_path: P
     assert all(torch.isfinite(torch.tensor(events.losses())))
     assert events.losses()[-1] < events.losses()[0]
     assert len(adapter_weights(result.adapter_dir)) == 2 * 7 * 2
+
+
+def test_cpu_dropout_keeps_torch_dropout_distribution() -> None:
+    torch.manual_seed(0)
+    dropout = trainer._CpuDropout(0.1)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x)
+    dropped = (y == 0).float().mean().item()
+    assert dropped == pytest.approx(0.1, abs=0.002)
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))  # survivors scaled to keep the expectation
+    y.sum().backward()
+    assert x.grad is not None and torch.equal(x.grad, y.detach())  # d(x * keep)/dx = keep
+    assert torch.equal(dropout.eval()(x), x)
+
+
+def test_setup_builds_lora_on_every_projection_with_cpu_dropout(
+    base_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    config = make_config(base_model, chat_file, tmp_path / "out")
+    run = trainer.setup(config)
+    try:
+        adapted = [m for m in run.model.modules() if hasattr(m, "lora_dropout")]
+        assert len(adapted) == 7 * 2
+        assert all(isinstance(m.lora_dropout["default"], trainer._CpuDropout) for m in adapted)
+        assert run.model.get_base_model().config._attn_implementation == trainer._PACKED_ATTENTION
+    finally:
+        trainer.cleanup(config.output_dir, run)
 
 
 # --- configuration ------------------------------------------------------------------------------------------
