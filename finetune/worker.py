@@ -509,6 +509,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def main(argv: list[str] | None = None) -> int:
+    from gateway.egress import install_from_settings
     from gateway.logs import configure_logging
     from gateway.private_files import restrict_umask
 
@@ -520,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
     restrict_umask()
     settings = load_settings(args.config)
     configure_logging(settings.server.log_level)
+    install_from_settings(settings)  # no egress from the process that reads training data either
     worker = Worker(settings)
 
     def stop(signum: int, _frame: Any) -> None:
