@@ -1,0 +1,355 @@
+"""A real fine-tune against the real HTTPS gateway and a separate worker process (python -m finetune.worker).
+
+Upload ~30 Alpaca rows of finance-risk labels with curl, fine-tune with the openai SDK, watch the loss fall in
+the events, chat with the new model (temperature 0) and get the trained label where the base model does not;
+cancel a second job while it trains; SIGKILL the worker during a third and see it resume from a checkpoint
+after a restart; run a few QLoRA (NF4) steps on the CPU.  Measured numbers are printed (run with -s).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.e2e.harness import REPO, Gateway, running
+from tests.spec import validate
+
+# Generous limits: a shared CI machine can be several times slower than an idle one.
+pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
+
+BASE = "smollm2-135m-instruct"
+SCOPES = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
+INSTRUCTION = "分析客户风险等级"
+LABELS = ("低风险", "中等风险", "高风险")
+# Small, fast and still sticky on 2 CPU cores: short rows, a high learning rate, a fixed seed.  24 steps at
+# learning_rate * learning_rate_multiplier = 3e-3 (a multiplier of 2 rather than 1: tests/spec.py reads the
+# spec's OpenAPI-3.0 `exclusiveMinimum: true` as "> 1" under JSON Schema 2020-12).  With this seed the adapter
+# answers every 高风险 row right and tells the classes apart.
+HYPER = {
+    "n_epochs": 3,
+    "batch_size": 4,
+    "learning_rate": 1.5e-3,
+    "learning_rate_multiplier": 2.0,
+    "lora_rank": 8,
+    "lora_alpha": 16,
+    "lora_dropout": 0.0,
+    "max_seq_length": 128,
+}
+SEED = 1234
+MEASURED: dict[str, float] = {}
+
+
+def finance_rows(n: int = 30) -> list[dict[str, str]]:
+    """Varied customers; the label follows income and debts, so the three classes look different."""
+    rng = random.Random(42)
+    rows = []
+    for i in range(n):
+        label = LABELS[i % 3]
+        age = rng.randint(25, 60)
+        if label == "低风险":
+            detail = f"年收入{rng.randint(60, 120)}万,无负债"
+        elif label == "中等风险":
+            detail = f"年收入{rng.randint(30, 60)}万,有房贷"
+        else:
+            detail = f"年收入{rng.randint(5, 20)}万,有多笔逾期贷款"
+        rows.append({"instruction": INSTRUCTION, "input": f"客户年龄{age}岁,{detail}", "output": label})
+    return rows
+
+
+class WorkerProcess:
+    """`python -m finetune.worker` with the gateway's settings, started and killed by the test."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.process: subprocess.Popen[bytes] | None = None
+        self.log_path = gateway.data_dir.parent / "worker.log"
+
+    def start(self) -> None:
+        log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "finetune.worker"],
+            env=self.gateway.env(),
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=60)
+        self.process = None
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def gateway(tmp_path_factory: pytest.TempPathFactory, certs: Path, model_dir: Path) -> Iterator[Gateway]:
+    data = tmp_path_factory.mktemp("finetune") / "data"
+    yield from running(Gateway(data_dir=data, certs=certs, model_dir=model_dir), "--no-worker")
+
+
+@pytest.fixture(scope="module")
+def worker(gateway: Gateway) -> Iterator[WorkerProcess]:
+    process = WorkerProcess(gateway)
+    process.start()
+    yield process
+    process.kill(signal.SIGTERM)
+
+
+@pytest.fixture(scope="module")
+def client(gateway: Gateway) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=gateway.base_url,
+        api_key=gateway.token(SCOPES),
+        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
+    )
+
+
+@pytest.fixture(scope="module")
+def training_file(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Uploaded with curl, as an Alpaca JSON array."""
+    path = tmp_path_factory.mktemp("upload") / "finance_risk.json"
+    path.write_text(json.dumps(finance_rows(), ensure_ascii=False, indent=1), encoding="utf-8")
+    out = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--fail-with-body",
+            "--cacert",
+            gateway.ca,
+            "-H",
+            f"Authorization: Bearer {gateway.token(SCOPES)}",
+            "-F",
+            "purpose=fine-tune",
+            "-F",
+            f"file=@{path}",
+            f"{gateway.base_url}/files",
+        ],
+        capture_output=True,
+        check=True,
+        timeout=60,
+    )
+    body = json.loads(out.stdout)
+    validate("OpenAIFile", body)
+    assert body["purpose"] == "fine-tune" and body["bytes"] == path.stat().st_size
+    return str(body["id"])
+
+
+def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: WorkerProcess | None = None) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (result := check()):
+        if time.monotonic() > deadline:
+            logs = worker.logs()[-3000:] if worker else ""
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
+        time.sleep(0.2)
+    return result
+
+
+def events(client: openai.OpenAI, job_id: str) -> list[Any]:
+    """Oldest first."""
+    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=1000))))
+
+
+def create_job(client: openai.OpenAI, training_file: str, **hyper: Any) -> Any:
+    return client.fine_tuning.jobs.create(
+        model=BASE,
+        training_file=training_file,
+        seed=SEED,
+        suffix="risk",
+        method={"type": "supervised", "supervised": {"hyperparameters": {**HYPER, **hyper}}},  # type: ignore[typeddict-unknown-key]
+    )
+
+
+def done_steps(log: list[Any]) -> int:
+    return max(e.data["step"] for e in log if e.type == "metrics")
+
+
+def ask(client: openai.OpenAI, model: str, customer: dict[str, str]) -> str:
+    reply = client.chat.completions.create(
+        model=model,
+        temperature=0,
+        max_tokens=8,
+        messages=[{"role": "user", "content": f"{customer['instruction']}\n{customer['input']}"}],
+    )
+    return (reply.choices[0].message.content or "").strip()
+
+
+def test_fine_tune_then_chat_with_the_new_model(
+    client: openai.OpenAI, gateway: Gateway, worker: WorkerProcess, training_file: str
+) -> None:
+    started = time.monotonic()
+    job = create_job(client, training_file)
+    assert job.status == "validating_files" and job.object == "fine_tuning.job"
+    validate("FineTuningJob", job.model_dump(exclude_unset=True))
+
+    def finished() -> Any:
+        current = client.fine_tuning.jobs.retrieve(job.id)
+        return current if current.status in ("succeeded", "failed", "cancelled") else None
+
+    done = wait_for(finished, 1200, f"job {job.id} to finish", worker)
+    seen_done = time.monotonic()
+    assert done.status == "succeeded", done.error
+    model = done.fine_tuned_model
+    # the first chat after success: the gateway hot-loads the adapter on its own (no restart)
+    while True:
+        try:
+            answer = ask(client, model, finance_rows()[2])
+            break
+        except openai.NotFoundError:
+            assert time.monotonic() - seen_done < 10, "the fine-tuned model never became servable"
+            time.sleep(0.05)
+    MEASURED["hot_load_latency_s"] = time.monotonic() - seen_done
+    MEASURED["train_job_s"] = seen_done - started
+    assert answer == "高风险", answer
+
+    assert model == f"ft:{BASE}:acme:risk:{job.id[-8:]}"
+    validate("FineTuningJob", done.model_dump(exclude_unset=True))
+    assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at and done.result_files
+    assert done.estimated_finish is None and done.error is None
+    results = client.files.retrieve(done.result_files[0])
+    assert results.purpose == "fine-tune-results"
+    csv = client.files.content(done.result_files[0]).text.splitlines()
+    assert csv[0].startswith("step,train_loss") and len(csv) > 5
+
+    # the loss falls: the last logged steps are far below the first ones
+    log = events(client, job.id)
+    validate(
+        "ListFineTuningJobEventsResponse",
+        {"object": "list", "data": [e.model_dump(exclude_unset=True) for e in log], "has_more": False},
+    )
+    losses = [e.data["train_loss"] for e in log if e.type == "metrics" and "train_loss" in (e.data or {})]
+    assert len(losses) >= 8, losses
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses
+    messages = [e.message for e in log]
+    assert messages[0] == f"Created fine-tuning job: {job.id}"
+    assert "Files validated, moving job to queued state" in messages
+    assert messages[-1] == "The job has successfully completed"
+    checkpoints = client.fine_tuning.jobs.checkpoints.list(job.id)
+    assert checkpoints.data and checkpoints.data[0].fine_tuned_model_checkpoint.startswith(
+        f"{model}:ckpt-step-"
+    )
+    validate("FineTuningJobCheckpoint", checkpoints.data[0].model_dump(exclude_unset=True))
+
+    # the model is listed for its tenant, owned by it, and hidden from another tenant
+    assert any(m.id == model and m.owned_by == "acme" for m in client.models.list())
+    other = openai.OpenAI(
+        base_url=gateway.base_url,
+        api_key=gateway.token(SCOPES, org="globex"),
+        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
+    )
+    assert model not in [m.id for m in other.models.list()]
+    # the base model does not know the labels; the fine-tuned one answers every class with a label and tells
+    # at least two of them apart (which two a model this small gets right depends on the seed)
+    assert ask(client, BASE, finance_rows()[2]) not in LABELS
+    answers = [ask(client, model, row) for row in finance_rows()[:3]]
+    assert set(answers) <= set(LABELS) and len(set(answers)) >= 2, answers
+    # a checkpoint is servable under its own name
+    assert ask(client, checkpoints.data[0].fine_tuned_model_checkpoint, finance_rows()[2]) in LABELS
+
+
+def test_fine_tuned_and_base_models_share_a_batch(client: openai.OpenAI, gateway: Gateway) -> None:
+    """Concurrent requests for the base model and the adapter answer each as if alone."""
+    import concurrent.futures
+
+    model = next(m.id for m in client.models.list() if m.id.startswith("ft:") and "ckpt" not in m.id)
+    customer = finance_rows()[2]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(ask, client, name, customer) for name in (model, BASE, model, BASE)]
+        answers = [f.result() for f in futures]
+    alone = [ask(client, model, customer), ask(client, BASE, customer)]
+    assert answers == alone * 2
+
+
+def test_cancel_stops_a_running_job(client: openai.OpenAI, worker: WorkerProcess, training_file: str) -> None:
+    job = create_job(client, training_file, n_epochs=50, batch_size=2)
+    wait_for(lambda: any(e.type == "metrics" for e in events(client, job.id)), 600, "a training step", worker)
+    asked = time.monotonic()
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled" and cancelled.finished_at is not None
+    wait_for(
+        lambda: "Training stopped; the job was cancelled" in [e.message for e in events(client, job.id)],
+        30,
+        "training to stop",
+        worker,
+    )
+    MEASURED["cancel_to_stopped_s"] = time.monotonic() - asked
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)
+    final = client.fine_tuning.jobs.retrieve(job.id)
+    assert final.status == "cancelled" and final.fine_tuned_model is None
+    steps = [e for e in events(client, job.id) if e.type == "metrics"]
+    time.sleep(2)
+    assert len([e for e in events(client, job.id) if e.type == "metrics"]) == len(steps)  # really stopped
+
+
+def test_a_killed_worker_resumes_from_its_checkpoint(
+    client: openai.OpenAI, worker: WorkerProcess, training_file: str, gateway: Gateway
+) -> None:
+    job = create_job(client, training_file, n_epochs=1, batch_size=8, save_steps=1, learning_rate=5e-4)
+    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 900, "a checkpoint", worker)
+    worker.kill(signal.SIGKILL)  # no clean hand-back: the job stays `running` under a dead worker
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
+    saved = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
+    worker.start()  # same host and slot: it knows its predecessor is dead and takes the job back at once
+    done = wait_for(
+        lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
+        900,
+        "the resumed job to finish",
+        worker,
+    )
+    assert done.status == "succeeded", done.error
+    log = events(client, job.id)
+    messages = [e.message for e in log]
+    assert any(m.startswith("Resuming fine-tuning job (attempt 2)") for m in messages), messages
+    restart = next(i for i, e in enumerate(log) if "resumed from the checkpoint at step" in e.message)
+    from_step = log[restart].data["resumed_from_step"]
+    assert from_step >= saved
+    after = [e.data["step"] for e in log[restart:] if e.type == "metrics"]
+    assert after == list(range(from_step + 1, done_steps(log) + 1)), after  # no step trained twice, none lost
+    ask(client, done.fine_tuned_model, finance_rows()[2])  # servable at once (4 steps teach it no label yet)
+    assert not (gateway.data_dir / "work" / job.id).exists()  # the private work dir is gone
+
+
+def test_qlora_trains_a_few_steps_on_the_cpu(
+    client: openai.OpenAI, worker: WorkerProcess, training_file: str
+) -> None:
+    job = create_job(client, training_file, quantization_bit=4, n_epochs=50, batch_size=2)
+    first = wait_for(
+        lambda: (
+            [e for e in events(client, job.id) if e.type == "metrics"]
+            or (client.fine_tuning.jobs.retrieve(job.id).status == "failed" and ["failed"])
+        ),
+        900,
+        "a QLoRA step",
+        worker,
+    )
+    assert first != ["failed"], client.fine_tuning.jobs.retrieve(job.id).error
+    wait_for(
+        lambda: len([e for e in events(client, job.id) if e.type == "metrics"]) >= 2,
+        900,
+        "2 QLoRA steps",
+        worker,
+    )
+    started = next(e for e in events(client, job.id) if e.message.startswith("Fine-tuning started"))
+    assert started.data["quantization_bit"] == 4
+    client.fine_tuning.jobs.cancel(job.id)
+
+
+def test_report_measurements(capsys: pytest.CaptureFixture[str]) -> None:
+    with capsys.disabled():
+        print("\nfine-tune e2e measurements:", json.dumps({k: round(v, 3) for k, v in MEASURED.items()}))
+    os.environ.setdefault("FINETUNE_E2E_MEASURED", json.dumps(MEASURED))
