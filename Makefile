@@ -42,9 +42,9 @@ test-unit: $(STAMP) ## fast in-process tests only
 test-e2e: $(STAMP) ## real HTTPS server + real clients
 	$(BIN)/pytest tests/e2e
 
-bench: $(STAMP) ## run the benchmarks and print their tables (see bench/RESULTS.md)
-	$(BIN)/python bench/bench_serving.py
-	$(BIN)/python bench/bench_training.py
+bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESULTS.md
+	$(BIN)/python bench/bench_serving.py --write
+	$(BIN)/python bench/bench_training.py --write
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .
