@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import re
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -135,16 +136,21 @@ class FileStorage:
             self.path_of(record).unlink()
 
     def sweep(self) -> int:
-        """Remove leftovers of uploads cut off by a crash: stale staging files, and bodies with no record."""
+        """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
+        file bodies with no record."""
         removed, cutoff = 0, time.time() - _STALE_SECONDS
         known = {Path(p).name for p in self.store.files.all_paths()}
         for directory, keep in ((self.tmp_dir, set()), (self.files_dir, known)):
             if not directory.is_dir():
                 continue
             for path in directory.iterdir():
-                if path.is_file() and path.name not in keep and path.stat().st_mtime < cutoff:
+                if path.name in keep or path.stat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir() and directory == self.tmp_dir:
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
                     path.unlink(missing_ok=True)
-                    removed += 1
+                removed += 1
         return removed
 
 

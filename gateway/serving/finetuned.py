@@ -3,8 +3,10 @@
 Workers add a row to the store's `models` table once an adapter directory is complete on disk (a job's final
 adapter, or a checkpoint).  This bridge registers every existing row at start-up (loaded lazily on first use)
 and then polls for rows past the last one it saw, a few times a second, loading a new final adapter into its
-engine at once so the first chat with it does not wait.  Adapters encrypted at rest are decrypted into a
-private temporary directory just long enough for the engine to read them (`open_adapter`).
+engine at once so the first chat with it does not wait.  A request naming a model the poll has not seen yet
+asks the store directly (`resolve`, the registry's miss hook), so a model is usable the moment its job reads
+`succeeded`.  Adapters encrypted at rest are decrypted into a private temporary directory just long enough for
+the engine to read them (`open_adapter`).
 """
 
 from __future__ import annotations

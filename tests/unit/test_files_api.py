@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import stat
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -231,3 +232,23 @@ def test_files_are_encrypted_at_rest_when_configured(tmp_path: Path, monkeypatch
         assert "分析客户风险等级".encode() not in stored and stored.startswith(b"PGWENC")
         assert api.client.get(f"/v1/files/{file_id}/content", headers=api.headers()).content == ALPACA_JSONL
         assert api.staged() == []
+
+
+def test_start_up_sweeps_what_a_crash_left_behind(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    for api in _api(tmp_path):
+        kept = api.upload(ALPACA_JSONL).json()["id"]
+    old = time.time() - 7200
+    leftovers = [data / "tmp" / "upload-cut", data / "files" / "file-orphan", data / "tmp" / "adapter-x"]
+    leftovers[0].write_bytes(b"half an upload")
+    leftovers[1].write_bytes(b"a body whose record never got written")
+    leftovers[2].mkdir()
+    (leftovers[2] / "adapter_model.safetensors").write_bytes(b"plaintext weights")
+    fresh = data / "tmp" / "upload-in-progress"
+    fresh.write_bytes(b"another process is writing this right now")
+    for path in leftovers:
+        os.utime(path, (old, old))
+    for api in _api(tmp_path):
+        assert not any(path.exists() for path in leftovers)
+        assert fresh.exists()  # too young to be a crash's leftover
+        assert api.client.get(f"/v1/files/{kept}/content", headers=api.headers()).content == ALPACA_JSONL
