@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoTokenizer, LlamaForCausalLM
 
 from finetune.base_model import embedded_gguf
 from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
@@ -17,6 +17,7 @@ from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local import LocalEngine
 from gateway.engine.sampling import SequenceSampler, sample_batch
 from gateway.errors import ContextLengthExceeded, NotFound, RateLimited
+from tests.unit.tiny_models import tiny_llama_config
 
 NAME = "tiny"
 
@@ -27,16 +28,8 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     gguf = embedded_gguf()
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=True,
-        eos_token_id=tokenizer.eos_token_id,
+    config = tiny_llama_config(
+        len(tokenizer), max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id
     )
     LlamaForCausalLM(config).save_pretrained(out)
     tokenizer.save_pretrained(out)

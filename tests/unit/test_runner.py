@@ -7,26 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gateway.engine.lora import AdapterError, LoraAdapter
 from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
+from tests.unit.tiny_models import tiny_llama_config
 
 torch.manual_seed(0)
 
 
 def tiny_llama(**overrides: object) -> LlamaForCausalLM:
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        **overrides,
-    )
+    config = tiny_llama_config(128, **overrides)
     return LlamaForCausalLM(config).eval()
 
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from finetune import trainer
 from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
 from finetune.trainer import ALL_LINEAR, TrainConfig, TrainingCancelled, train
 from tests.unit.test_data import SECRET, make_chatml_tokenizer
+from tests.unit.tiny_models import tiny_llama_config
 
 QA = [
     ("What is two plus two?", "It is four."),
@@ -41,15 +42,9 @@ def tokenizer() -> Any:
 def base_model(tmp_path_factory: pytest.TempPathFactory, tokenizer: Any) -> Path:
     """A two-layer Llama with random weights and grouped-query attention, saved like a real base model."""
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+    config = tiny_llama_config(
+        len(tokenizer),
         max_position_embeddings=512,
-        tie_word_embeddings=True,
         initializer_range=0.2,  # the default 0.02 caps the logits of a 64-wide model near uniform
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,

@@ -22,6 +22,7 @@ from gateway.serving.files import FileStorage
 from gateway.serving.jobs import DEFAULT_HYPERPARAMETERS
 from gateway.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
 from gateway.store import FileRecord, JobRecord, Store, new_id
+from tests.unit.tiny_models import tiny_llama_config
 
 BASE = "tiny"
 ADAPTER = {"adapter_config.json": b'{"r": 4}', "adapter_model.safetensors": b"weights"}
@@ -436,24 +437,15 @@ def test_the_worker_process_starts_and_stops_on_sigterm(tmp_path: Path) -> None:
 def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     """The worker's settings reach finetune.trainer as it expects, and what it exports the engine can load."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     from gateway.engine.lora import LoraAdapter
     from tests.unit.test_data import make_chatml_tokenizer
 
     tokenizer = make_chatml_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+    config = tiny_llama_config(
+        len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id
     )
     setup = _setup(tmp_path)
     model_dir = Path(setup.settings.models.base[BASE])
