@@ -22,13 +22,20 @@ def _registry() -> Any:
 
 
 def _nullable_to_json_schema(node: Any) -> Any:
-    """The spec mixes OpenAPI 3.0's `nullable: true` into 3.1 schemas; JSON Schema ignores it, so rewrite it
-    as an explicit null alternative."""
+    """The spec mixes OpenAPI 3.0 into 3.1 schemas: `nullable: true` (JSON Schema ignores it; rewritten as an
+    explicit null alternative) and boolean `exclusiveMinimum` (rewritten as the 3.1 number form)."""
     if isinstance(node, list):
         return [_nullable_to_json_schema(item) for item in node]
     if not isinstance(node, dict):
         return node
     node = {key: _nullable_to_json_schema(value) for key, value in node.items()}
+    for bound, limit in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        flag = node.get(bound)
+        if not isinstance(flag, bool):  # already the 3.1 number form, or absent
+            continue
+        del node[bound]  # OpenAPI 3.0 style: a flag on minimum/maximum
+        if flag and limit in node:
+            node[bound] = node.pop(limit)
     if node.pop("nullable", False) is True:
         if isinstance(node.get("type"), str):
             node["type"] = [node["type"], "null"]
