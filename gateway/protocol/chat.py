@@ -17,6 +17,7 @@ __all__ = [
     "ChunkChoice",
     "Delta",
     "ResponseMessage",
+    "SamplingRequest",
     "StreamOptions",
     "TokenLogprob",
     "TopLogprob",
@@ -38,11 +39,10 @@ class StreamOptions(Struct, kw_only=True):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(Struct, kw_only=True):
+class SamplingRequest(Struct, kw_only=True):
+    """The fields chat and legacy completion requests share."""
+
     model: Annotated[str, Meta(min_length=1)]
-    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
-    max_tokens: Annotated[int, Meta(ge=1)] | None = None
-    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     temperature: Annotated[float, Meta(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
@@ -50,12 +50,18 @@ class ChatCompletionRequest(Struct, kw_only=True):
     seed: int | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logprobs: bool | None = None
-    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
     user: str | None = None
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM-compatible extension, for benchmarks
+
+
+class ChatCompletionRequest(SamplingRequest, kw_only=True):
+    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
+    max_tokens: Annotated[int, Meta(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
 
 
 class TopLogprob(Struct):

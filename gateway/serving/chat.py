@@ -271,7 +271,7 @@ class ChatService:
 
     def _sampling(
         self,
-        req: p.ChatCompletionRequest | pc.CompletionRequest,
+        req: p.SamplingRequest,
         max_tokens: int | None,
         *,
         logprobs: bool,
