@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from finetune import trainer
 from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
+from finetune.lora_model import CpuDropout
+from finetune.packed import PACKED_ATTENTION, loss_sum
 from finetune.trainer import ALL_LINEAR, TrainConfig, TrainingCancelled, train
 from tests.unit.test_data import SECRET, make_chatml_tokenizer
 from tests.unit.tiny_models import tiny_llama_config
@@ -144,7 +146,7 @@ def test_packed_examples_score_exactly_as_when_alone(
 
     with torch.no_grad():
         alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in examples]
-        model.set_attn_implementation(trainer._PACKED_ATTENTION if attention == "packed" else "sdpa")
+        model.set_attn_implementation(PACKED_ATTENTION if attention == "packed" else "sdpa")
         packed = model(
             input_ids=torch.tensor([batch.input_ids]),
             position_ids=torch.tensor([batch.position_ids]),
@@ -179,13 +181,13 @@ def test_loss_sum_counts_only_learned_tokens_and_never_crosses_examples(
     base_model: Path, tokenizer: Any
 ) -> None:
     model = AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32).eval()
-    model.set_attn_implementation(trainer._PACKED_ATTENTION)
+    model.set_attn_implementation(PACKED_ATTENTION)
     examples = qa_examples(tokenizer, len(QA))
     [batch] = pack(examples, max_tokens_per_batch=1024, seed=3)
     assert batch.shared_prefix > 0
     assert batch.tokens < batch.example_tokens == sum(len(e.input_ids) for e in examples)
     with torch.no_grad():
-        packed_sum = trainer._loss_sum(model, batch, torch.device("cpu"))
+        packed_sum = loss_sum(model, batch, torch.device("cpu"))
         alone_sum = 0.0
         for example in examples:
             # transformers' own shifted, mean-reduced loss, scaled back to a sum.
@@ -204,8 +206,8 @@ def test_packed_batch_gives_the_gradients_of_examples_trained_alone(base_model: 
     [batch] = pack(examples, max_tokens_per_batch=1024, seed=0)
     assert batch.shared_prefix > 0
 
-    model.get_base_model().set_attn_implementation(trainer._PACKED_ATTENTION)
-    trainer._loss_sum(model, batch, torch.device("cpu")).backward()
+    model.get_base_model().set_attn_implementation(PACKED_ATTENTION)
+    loss_sum(model, batch, torch.device("cpu")).backward()
     packed = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.get_base_model().set_attn_implementation("sdpa")
@@ -439,7 +441,7 @@ def test_qlora_4bit_trains_on_cpu(base_model: Path, chat_file: Path, tmp_path: P
 
 def test_cpu_dropout_keeps_torch_dropout_distribution() -> None:
     torch.manual_seed(0)
-    dropout = trainer._CpuDropout(0.1)
+    dropout = CpuDropout(0.1)
     x = torch.ones(1000, 1000, requires_grad=True)
     y = dropout(x)
     dropped = (y == 0).float().mean().item()
@@ -458,8 +460,8 @@ def test_setup_builds_lora_on_every_projection_with_cpu_dropout(
     try:
         adapted = [m for m in run.model.modules() if hasattr(m, "lora_dropout")]
         assert len(adapted) == 7 * 2
-        assert all(isinstance(m.lora_dropout["default"], trainer._CpuDropout) for m in adapted)
-        assert run.model.get_base_model().config._attn_implementation == trainer._PACKED_ATTENTION
+        assert all(isinstance(m.lora_dropout["default"], CpuDropout) for m in adapted)
+        assert run.model.get_base_model().config._attn_implementation == PACKED_ATTENTION
     finally:
         trainer.cleanup(config.output_dir, run)
 

@@ -1,0 +1,161 @@
+"""Checkpoints: output_dir/checkpoints/step-N, written all or nothing, and resuming from them bit-exactly.
+
+A checkpoint holds the adapter plus everything the next step depends on (optimizer, scheduler and RNG state,
+the step and token counts) and the run's fingerprint, so a run resumes only from a checkpoint of the same
+data and hyperparameters.  Every directory the trainer writes, the final adapter included, goes through
+`write_dir_atomically`: filled in a hidden staging directory beside its target, fsynced, renamed into place.
+The staging directories are the run's only temporary files; `remove_staging` sweeps what a crash left.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from finetune.config import TrainConfig
+from gateway.private_files import ensure_private_dir, fsync_dir
+
+if TYPE_CHECKING:
+    from finetune.trainer import Run
+
+__all__ = [
+    "complete_checkpoints",
+    "fingerprint",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "remove_staging",
+    "save_adapter",
+    "save_checkpoint",
+    "write_dir_atomically",
+]
+
+_PRIVATE_FILE = 0o600
+_STATE_JSON, _STATE_TENSORS = "trainer_state.json", "trainer_state.pt"
+_ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+
+
+def save_checkpoint(run: Run) -> Path:
+    """output_dir/checkpoints/step-N: the peft adapter plus what resuming needs, all or nothing."""
+    state = {
+        "step": run.step,
+        "trained_tokens": run.trained_tokens,
+        "last_loss": run.last_loss,
+        "valid_loss": run.valid_loss,
+        "fingerprint": run.fingerprint,
+    }
+    tensors = {
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+    def fill(staging: Path) -> None:
+        save_adapter(run.model, staging)
+        torch.save(tensors, staging / _STATE_TENSORS)
+        (staging / _STATE_JSON).write_text(json.dumps(state))
+
+    target = run.config.output_dir / "checkpoints" / f"step-{run.step}"
+    write_dir_atomically(target, fill)
+    return target
+
+
+def load_checkpoint(run: Run, checkpoint: Path) -> None:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if not _is_complete(checkpoint):
+        raise ValueError(f"resume_from={str(checkpoint)!r}: not a complete checkpoint")
+    state = json.loads((checkpoint / _STATE_JSON).read_text())
+    if state["fingerprint"] != run.fingerprint:
+        raise ValueError(
+            f"resume_from={str(checkpoint)!r}: made with other data or hyperparameters; use a new output_dir"
+        )
+    weights = load_file(str(checkpoint / "adapter_model.safetensors"), device=str(run.device))
+    set_peft_model_state_dict(run.model, weights)
+    tensors = torch.load(checkpoint / _STATE_TENSORS, map_location="cpu", weights_only=True)
+    run.optimizer.load_state_dict(tensors["optimizer"])
+    run.scheduler.load_state_dict(tensors["scheduler"])
+    torch.set_rng_state(tensors["rng_cpu"])
+    if tensors["rng_cuda"]:
+        torch.cuda.set_rng_state_all(tensors["rng_cuda"])
+    run.step, run.trained_tokens = state["step"], state["trained_tokens"]
+    run.last_loss, run.valid_loss = state["last_loss"], state["valid_loss"]
+
+
+def save_adapter(model: Any, directory: Path) -> None:
+    # Only the LoRA weights: the engine (gateway/engine/lora.py) refuses anything else.
+    model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
+    (directory / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
+
+
+def fingerprint(config: TrainConfig) -> str:
+    """What fixes the loss curve: a checkpoint resumes only a run with the same fingerprint."""
+    settings = asdict(config)
+    for name in ("output_dir", "validation_file", "resume_from", "logging_steps", "save_steps", "eval_steps"):
+        settings.pop(name)
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    with config.training_file.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    found = [path for path in (output_dir / "checkpoints").glob("step-*") if _is_complete(path)]
+    return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = complete_checkpoints(output_dir)
+    return found[-1] if found else None
+
+
+def _is_complete(path: Path) -> bool:
+    return path.name.removeprefix("step-").isdigit() and all(
+        (path / name).is_file() for name in (*_ADAPTER_FILES, _STATE_JSON, _STATE_TENSORS)
+    )
+
+
+def write_dir_atomically(target: Path, fill: Callable[[Path], None]) -> None:
+    """Fill a staging dir beside `target`, fsync it, rename it into place: a reader sees all or nothing."""
+    parent = ensure_private_dir(target.parent)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", suffix=".tmp", dir=parent))  # 0700
+    try:
+        fill(staging)
+        for path in staging.iterdir():
+            path.chmod(_PRIVATE_FILE)
+            _fsync_file(path)
+        fsync_dir(staging)
+        if target.exists():  # os.replace will not replace a non-empty directory: move the old one aside
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}-old-", suffix=".tmp", dir=parent))
+            os.replace(target, old / target.name)
+        os.replace(staging, target)
+        fsync_dir(parent)
+    finally:
+        remove_staging(parent)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def remove_staging(directory: Path) -> None:
+    """Staging dirs are the run's only temporary files; a crash may leave some, so sweep on start and end."""
+    for parent in (directory, directory / "checkpoints"):
+        if parent.is_dir():
+            for stale in parent.glob(".*.tmp"):
+                shutil.rmtree(stale, ignore_errors=True)

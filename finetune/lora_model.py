@@ -1,0 +1,108 @@
+"""The model a run trains: the frozen base (full precision, or NF4 / LLM.int8 for QLoRA) with LoRA adapters.
+
+Kept apart from the loop because building it is where the device, the dtype, bitsandbytes and peft meet, and
+none of that changes while training runs.  The base is switched to the packed attention of finetune.packed,
+and on a CPU LoRA's dropout is swapped for a cheaper one with the same distribution (CpuDropout).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from finetune.base_model import load_model
+from finetune.config import TrainConfig
+from finetune.packed import PACKED_ATTENTION
+
+__all__ = ["CpuDropout", "build_model", "pick_device"]
+
+
+def pick_device(choice: str) -> torch.device:
+    if choice == "auto":
+        choice = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(choice)
+
+
+def _compute_dtype(device: torch.device) -> torch.dtype:
+    # bf16 halves memory and doubles speed on GPUs that have it; CPUs train in fp32 (slow bf16 matmuls).
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def build_model(config: TrainConfig, device: torch.device) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    dtype = _compute_dtype(device)
+    if config.quantization_bit is None:
+        model = load_model(config.base_model_path, dtype=dtype, device=str(device))
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model = _load_quantized(config, device, dtype)
+    model.set_attn_implementation(PACKED_ATTENTION)
+    model.config.use_cache = False  # a cache would only cost memory in training
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=list(config.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, lora)
+    if device.type == "cpu":  # on CUDA torch's dropout is already a fused kernel
+        for module in peft_model.modules():
+            dropouts = getattr(module, "lora_dropout", None)
+            if isinstance(dropouts, torch.nn.ModuleDict):
+                for name, dropout in dropouts.items():
+                    if isinstance(dropout, torch.nn.Dropout):
+                        dropouts[name] = CpuDropout(dropout.p)
+    peft_model.train()
+    return peft_model
+
+
+class CpuDropout(torch.nn.Dropout):
+    """nn.Dropout's distribution at about a quarter of its cost on a CPU.
+
+    torch's CPU dropout draws its mask with bernoulli_ in double precision and backpropagates through a
+    division; a float uniform draw compared with p gives the same keep-probability.  LoRA applies dropout
+    to the input of every adapted projection, so on a CPU this was a tenth of a whole training step.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return input
+        keep = torch.rand_like(input).ge_(self.p).mul_(1 / (1 - self.p))
+        return input * keep
+
+
+def _load_quantized(config: TrainConfig, device: torch.device, dtype: torch.dtype) -> Any:
+    """QLoRA: the frozen base in NF4 (4 bit, double-quantized) or LLM.int8 (8 bit); adapters stay in `dtype`.
+
+    bitsandbytes >= 0.46 runs both on CPU too (slower than fp32 there: weights are dequantized per matmul).
+    """
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    if config.quantization_bit == 4:
+        quantization = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        )
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(config.base_model_path),
+        quantization_config=quantization,
+        dtype=dtype,
+        device_map={"": str(device)},
+    )
+    return prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=config.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
