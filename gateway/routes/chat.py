@@ -7,6 +7,7 @@ from typing import Any
 
 import msgspec
 from litestar import Controller, Request, Response, post
+from litestar.di import NamedDependency
 from litestar.response import Stream
 
 from gateway.protocol.chat import ChatCompletionRequest
@@ -30,13 +31,17 @@ class ChatController(Controller):
     path = "/v1"
 
     @post("/chat/completions", status_code=200, opt={"scope": "chat", "action": "chat.completion.create"})
-    async def chat_completions(self, request: Request[Any, Any, Any], chat: ChatService) -> Response[Any]:
+    async def chat_completions(
+        self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService]
+    ) -> Response[Any]:
         body = decode_body(await request.body(), ChatCompletionRequest)
         result = await chat.chat(body, principal_of(request), request_id_of(request), usage_sink(request))
         return _respond(result)
 
     @post("/completions", status_code=200, opt={"scope": "chat", "action": "completion.create"})
-    async def completions(self, request: Request[Any, Any, Any], chat: ChatService) -> Response[Any]:
+    async def completions(
+        self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService]
+    ) -> Response[Any]:
         body = decode_body(await request.body(), CompletionRequest)
         result = await chat.complete(body, principal_of(request), request_id_of(request), usage_sink(request))
         return _respond(result)

@@ -7,6 +7,7 @@ import tempfile
 from typing import Any
 
 from litestar import Request, get
+from litestar.di import NamedDependency
 from litestar.response import Response
 
 from gateway.serving.registry import ModelRegistry
@@ -20,7 +21,9 @@ async def healthz() -> dict[str, str]:
 
 
 @get("/readyz", opt={"public": True, "action": "health.ready"}, include_in_schema=False)
-async def readyz(request: Request[Any, Any, Any], registry: ModelRegistry) -> Response[dict[str, Any]]:
+async def readyz(
+    request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]
+) -> Response[dict[str, Any]]:
     engines = registry.engines()
     engine_ready = bool(engines) and all(e.is_ready() for e in engines)
     data_dir = request.app.state["settings"].data_path

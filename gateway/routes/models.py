@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from litestar import Controller, Request, delete, get
+from litestar.di import NamedDependency
+from litestar.params import FromPath
 
 from gateway.errors import PermissionDenied
 from gateway.protocol.models import DeletedModel, Model, ModelList
@@ -22,19 +24,27 @@ class ModelsController(Controller):
     path = "/v1/models"
 
     @get("/", opt={"scope": "models:read", "action": "model.list"})
-    async def list_models(self, request: Request[Any, Any, Any], registry: ModelRegistry) -> ModelList:
+    async def list_models(
+        self, request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]
+    ) -> ModelList:
         return ModelList(data=[_model(e) for e in registry.visible(principal_of(request))])
 
     @get("/{model_id:str}", opt={"scope": "models:read", "action": "model.retrieve"})
     async def retrieve(
-        self, request: Request[Any, Any, Any], registry: ModelRegistry, model_id: str
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        model_id: FromPath[str],
     ) -> Model:
         set_audit(request, resource_id=model_id)
         return _model(registry.get(model_id, principal_of(request)))
 
     @delete("/{model_id:str}", status_code=200, opt={"scope": "fine_tuning:write", "action": "model.delete"})
     async def delete_model(
-        self, request: Request[Any, Any, Any], registry: ModelRegistry, model_id: str
+        self,
+        request: Request[Any, Any, Any],
+        registry: NamedDependency[ModelRegistry],
+        model_id: FromPath[str],
     ) -> DeletedModel:
         set_audit(request, resource_id=model_id)
         entry = registry.get(model_id, principal_of(request))
