@@ -1,0 +1,135 @@
+"""What a job leaves for the gateway: its adapters as servable models, and its results file.
+
+Every checkpoint the trainer saves becomes a `<fine-tuned name>:ckpt-step-N` model, and a finished job its
+final adapter under the fine-tuned name itself plus a metrics CSV the user can download.  Each adapter
+reaches the store complete or not at all: its files are copied (encrypted, where the data dir is) into a
+staging directory under <data_dir>/adapters/<job>/, which is renamed into place, and only then is the model
+row added (the gateway loads nothing without a row).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from finetune.job_training import JobFailed, JobRun, add_event
+from gateway.encryption import Cipher
+from gateway.private_files import ensure_private_dir
+from gateway.serving.files import FileStorage
+from gateway.serving.jobs import fine_tuned_name
+from gateway.store import CheckpointRecord, JobRecord, ModelRecord, Store, new_id
+
+__all__ = ["Publisher"]
+
+log = structlog.get_logger(__name__)
+
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+class Publisher:
+    def __init__(
+        self, store: Store, storage: FileStorage, cipher: Cipher, data_dir: Path, worker_id: str
+    ) -> None:
+        self.store, self.storage, self.cipher = store, storage, cipher
+        self.data_dir, self.worker_id = data_dir, worker_id
+
+    def checkpoint(self, run: JobRun, step: int, source: Path) -> None:
+        """The trainer's checkpoint at `step` (in `source`) as a checkpoint row and a servable model."""
+        job = run.job
+        relative = self._export(source, job.id, f"ckpt-step-{step}")
+        # the trainer reports a step's losses before its checkpoint
+        losses = {"train_loss": run.last_train_loss, "valid_loss": run.last_valid_loss}
+        metrics = {"step": step, **{k: v for k, v in losses.items() if v is not None}}
+        now = int(time.time())
+        model = _model_record(job, relative, now, step=step)
+        with self.store.db.transaction():
+            self.store.checkpoints.add(
+                CheckpointRecord(
+                    id=new_id("ftckpt-"),
+                    job_id=job.id,
+                    step=step,
+                    created_at=now,
+                    metrics=metrics,
+                    model=model.id,
+                )
+            )
+            if self.store.models.add(model):
+                add_event(self.store, job, f"Checkpoint created at step {step}")
+
+    def final(self, run: JobRun, result: Any) -> None:
+        """The job succeeded: its final adapter, its results file, and the job row saying so, together."""
+        job = run.job
+        relative = self._export(Path(result.adapter_dir), job.id, "final")
+        trained = int(result.trained_tokens)
+        results = self.storage.save_bytes(
+            tenant=job.tenant,
+            filename=f"{job.id}-results.csv",
+            purpose="fine-tune-results",
+            data=Path(result.metrics_csv).read_bytes(),
+        )
+        now = int(time.time())
+        model = _model_record(job, relative, now)
+        with self.store.db.transaction():
+            done = self.store.jobs.update(
+                job.id,
+                status_in=("running",),
+                worker_id=self.worker_id,
+                status="succeeded",
+                fine_tuned_model=model.id,
+                trained_tokens=trained,
+                finished_at=now,
+                estimated_finish=None,
+                result_files=[results.id],
+            )
+            if done:
+                self.store.models.add(model)
+                add_event(self.store, job, f"New fine-tuned model created: {model.id}")
+                add_event(self.store, job, "The job has successfully completed")
+        if not done:  # cancelled (or taken over) in the last instant: nothing of it stays
+            self.store.files.delete(results.id)
+            self.storage.remove(results)
+            shutil.rmtree(self.data_dir / relative, ignore_errors=True)
+            return
+        log.info("worker.job_succeeded", job_id=job.id, trained_tokens=trained)
+
+    def _export(self, source: Path, job_id: str, name: str) -> str:
+        """Copy (or encrypt) an adapter into <data_dir>/adapters/<job>/<name>; complete or absent."""
+        parent = ensure_private_dir(self.data_dir / "adapters" / job_id)
+        target = parent / name
+        if target.is_dir():  # a resumed job saving the same step again
+            return str(target.relative_to(self.data_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+        try:
+            for filename in _ADAPTER_FILES:
+                src = source / filename
+                if not src.is_file():
+                    raise JobFailed(
+                        f"The trainer saved no {filename} in its adapter; this is a bug.",
+                        code="internal_error",
+                    )
+                with open(src, "rb") as fh:
+                    self.cipher.encrypt_stream(fh, staging / filename)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target.relative_to(self.data_dir))
+
+
+def _model_record(job: JobRecord, path: str, created_at: int, *, step: int | None = None) -> ModelRecord:
+    """The servable model of one of a job's adapters: the final one (step None) or the checkpoint at step."""
+    name = fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
+    return ModelRecord(
+        id=name if step is None else f"{name}:ckpt-step-{step}",
+        tenant=job.tenant,
+        base=job.model,
+        job_id=job.id,
+        path=path,
+        created_at=created_at,
+        step=step,
+    )
