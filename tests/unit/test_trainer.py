@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import stat
 import tempfile
 from pathlib import Path
@@ -17,7 +18,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from finetune import trainer
+from finetune import checkpoints, trainer
 from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
 from finetune.lora_model import CpuDropout
 from finetune.packed import PACKED_ATTENTION, loss_sum
@@ -356,6 +357,60 @@ def test_explicit_resume_from_and_a_mismatched_checkpoint(
     assert again.of("started")[0]["resumed_from_step"] == 4
     with pytest.raises(ValueError, match=r"resume_from=.*other data or hyperparameters"):
         train(make_config(base_model, chat_file, tmp_path / "c", resume_from=checkpoint, learning_rate=1e-3))
+
+
+def test_a_checkpoint_resumes_after_the_data_dir_moves(
+    base_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    """A worker that mounts the data dir at another path, or finds it renamed, resumes its checkpoints."""
+
+    def job_config(data_dir: Path) -> TrainConfig:  # laid out as the worker lays out a job
+        work = data_dir / "work" / "ftjob-1"
+        return make_config(
+            data_dir / "models" / "tiny", work / "data" / "train.jsonl", work / "trainer", save_steps=2
+        )
+
+    first_mount, second_mount = tmp_path / "mnt-a" / "data", tmp_path / "mnt-b" / "gateway-data"
+    shutil.copytree(base_model, first_mount / "models" / "tiny")
+    (first_mount / "work" / "ftjob-1" / "data").mkdir(parents=True)
+    shutil.copy(chat_file, first_mount / "work" / "ftjob-1" / "data" / "train.jsonl")
+    straight = Recorder()
+    train(make_config(base_model, chat_file, tmp_path / "straight"), straight, straight.should_stop)
+
+    interrupted = Recorder(stop_after_micro_steps=5)  # cancelled during step 6, checkpoints at 2 and 4
+    with pytest.raises(TrainingCancelled):
+        train(job_config(first_mount), interrupted, interrupted.should_stop)
+    second_mount.parent.mkdir()
+    first_mount.rename(second_mount)
+    resumed = Recorder()
+    result = train(job_config(second_mount), resumed, resumed.should_stop)
+
+    assert resumed.of("started")[0]["resumed_from_step"] == 4
+    assert resumed.losses() == straight.losses()[4:]
+    assert result.checkpoints[0] == second_mount / "work" / "ftjob-1" / "trainer" / "checkpoints" / "step-2"
+
+
+def test_the_fingerprint_is_content_not_place(base_model: Path, chat_file: Path, tmp_path: Path) -> None:
+    """Copies of the base model and data anywhere agree; other content or hyperparameters do not."""
+    model_copy, data_copy = tmp_path / "elsewhere" / "model", tmp_path / "elsewhere" / "t.jsonl"
+    shutil.copytree(base_model, model_copy)
+    shutil.copy(chat_file, data_copy)
+    os.utime(model_copy / "config.json", (0, 0))  # an independent copy need not keep the times
+    original = checkpoints.fingerprint(make_config(base_model, chat_file, tmp_path / "a"))
+    assert checkpoints.fingerprint(make_config(model_copy, data_copy, tmp_path / "b")) == original
+    assert checkpoints.fingerprint(make_config(base_model, chat_file, tmp_path / "a", seed=7)) != original
+
+    data_copy.write_text(chat_file.read_text() + chat_file.read_text().splitlines()[0] + "\n")
+    assert checkpoints.fingerprint(make_config(model_copy, data_copy, tmp_path / "b")) != original
+    shutil.copy(chat_file, data_copy)
+    tokenizer_config = json.loads((model_copy / "tokenizer_config.json").read_text())
+    tokenizer_config["model_max_length"] = 77
+    (model_copy / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    assert checkpoints.fingerprint(make_config(model_copy, data_copy, tmp_path / "b")) != original
+    shutil.copy(base_model / "tokenizer_config.json", model_copy / "tokenizer_config.json")
+    with (model_copy / "model.safetensors").open("ab") as fh:  # other weights: a weight file's size differs
+        fh.write(b"\0" * 8)
+    assert checkpoints.fingerprint(make_config(model_copy, data_copy, tmp_path / "b")) != original
 
 
 def test_checkpoint_is_atomic_and_private(
