@@ -20,6 +20,7 @@ from typing import Any
 
 __all__ = [
     "DEFAULT_MODEL",
+    "METRICS_ACCESS",
     "AuditSettings",
     "AuthSettings",
     "EngineSettings",
@@ -33,6 +34,13 @@ __all__ = [
 ]
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+METRICS_ACCESS = ("loopback", "token", "public")
+
+# Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
+_RETIRED = {
+    "auth.metrics_public": 'replaced by auth.metrics_access = "loopback", "token" or "public" '
+    '(metrics_public = true was "public", false was "token")',
+}
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -88,7 +96,9 @@ class LimitSettings:
 
 @dataclass(frozen=True)
 class AuthSettings:
-    enabled: bool = _f(True, "Require a Bearer JWT on every route but /healthz and /readyz.")
+    enabled: bool = _f(
+        True, "Require a Bearer JWT on every route but /healthz, /readyz (and /metrics: metrics_access)."
+    )
     issuer: str = _f("privacy-gateway-dev", "Required `iss` claim (exact match).")
     audience: str = _f("privacy-gateway", "Required `aud` claim (exact match).")
     algorithms: list[str] = _f(["EdDSA"], "Accepted JWT algorithms; bound to the configured key type.")
@@ -99,7 +109,18 @@ class AuthSettings:
         "", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem."
     )
     leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
-    metrics_public: bool = _f(True, "Serve /metrics without a token (bind to loopback or firewall it).")
+    metrics_access: str = _f(
+        "loopback",
+        "Who may scrape /metrics: loopback (no token from 127.0.0.0/8 or ::1 unless the request came through "
+        "a proxy, else a token with `admin`), token (always a token with `admin`) or public (anyone: only "
+        "for a firewalled scrape network).",
+    )
+
+    def __post_init__(self) -> None:
+        if self.metrics_access not in METRICS_ACCESS:
+            raise ValueError(
+                f"auth.metrics_access must be one of {', '.join(METRICS_ACCESS)}, not {self.metrics_access!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -218,8 +239,18 @@ def load_settings(config_file: str | None = None, env: dict[str, str] | None = N
     if path:
         with open(path, "rb") as fh:
             values = tomllib.load(fh)
+    _refuse_retired(values, env)
     settings: Settings = _build(Settings, values, env, "GATEWAY_")
     return settings
+
+
+def _refuse_retired(values: dict[str, Any], env: dict[str, str]) -> None:
+    for name, replacement in _RETIRED.items():
+        section, _, leaf = name.rpartition(".")
+        table = values.get(section, {}) if section else values
+        env_name = "GATEWAY_" + name.upper().replace(".", "__")
+        if (isinstance(table, dict) and leaf in table) or env_name in env:
+            raise ValueError(f"{name} ({env_name}) is no longer read: {replacement}")
 
 
 def iter_fields(cls: type = Settings, prefix: str = "") -> typing.Iterator[tuple[str, Any, str, str]]:

@@ -1,27 +1,75 @@
-"""GET /metrics: Prometheus text format.  Open when `auth.metrics_public`, else a token with `admin`."""
+"""GET /metrics: Prometheus text format.  Who may scrape is `auth.metrics_access`:
+
+    loopback  (default) no token when the TCP peer is 127.0.0.0/8 or ::1 and the request names no forwarded
+              client; from anywhere else a token with `admin`, exactly as in `token`
+    token     always a token with `admin`
+    public    anyone (a firewalled scrape network)
+
+A request that came through a proxy is never local: uvicorn puts the X-Forwarded-For client in the peer's
+place when the proxy is on loopback, and a forwarding header left on a loopback peer also asks for a token.
+A same-host proxy that forwards /metrics without X-Forwarded-For would make every scrape local: use `token`.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+from copy import copy
 from typing import Any
 
 from litestar import Request, Response, get
+from litestar.connection import ASGIConnection
 from litestar.handlers import HTTPRouteHandler
+from litestar.handlers.base import BaseRouteHandler
+from litestar.types import Guard
 
+from gateway.auth.guards import apply_limits, authorize
 from gateway.metrics import GatewayMetrics
 from gateway.settings import Settings
 
-__all__ = ["metrics_route"]
+__all__ = ["is_local_request", "metrics_route"]
+
+_FORWARDING_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+
+
+def is_local_request(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
+    """The peer is a loopback address and no proxy header names another client.  A unix socket or an
+    unparsable peer is not local: fail closed."""
+    if connection.client is None or any(h in connection.headers for h in _FORWARDING_HEADERS):
+        return False
+    try:
+        address = ipaddress.ip_address(connection.client.host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped  # ::ffff:127.0.0.1 (a dual-stack socket)
+    return address.is_loopback
+
+
+def _local_or_admin(connection: ASGIConnection[Any, Any, Any, Any], route_handler: BaseRouteHandler) -> None:
+    """The handler is marked public so the app-wide guards let a local scrape through without a token; any
+    other request gets those same guards, run against the handler without its `public` mark."""
+    if is_local_request(connection):
+        return
+    as_private = copy(route_handler)  # Litestar hands each guard a copy too; the registered one is untouched
+    as_private.opt = {key: value for key, value in route_handler.opt.items() if key != "public"}
+    authorize(connection, as_private)
+    apply_limits(connection, as_private)
 
 
 def metrics_route(settings: Settings) -> HTTPRouteHandler:
-    """The handler, built per app because who may scrape is configuration, not code.  Without `public`, the
-    app-wide guard requires the `admin` scope (a token with only `chat` gets 403)."""
+    """The handler, built per app because who may scrape is configuration, not code.  Where a token is
+    needed, the app-wide guard requires the `admin` scope (a token with only `chat` gets 403)."""
+    access = settings.auth.metrics_access
     opt: dict[str, Any] = {"scope": "admin", "action": "metrics.scrape"}
-    if settings.auth.metrics_public:
+    guards: list[Guard] = []
+    if access == "public":
         opt["public"] = True
+    elif access == "loopback":
+        opt["public"] = True
+        guards.append(_local_or_admin)
 
-    @get("/metrics", opt=opt, include_in_schema=False)
+    @get("/metrics", opt=opt, guards=guards, include_in_schema=False)
     async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         collector: GatewayMetrics = request.app.state["metrics"]
         # Collectors read engine stats and the SQLite store: off the event loop.

@@ -7,6 +7,7 @@
 - Audit: each request of a scenario leaves exactly one record with the right action/status/outcome, and the
   `x-request-id` header is that record's request_id; `gateway audit verify` passes, fails on an edited copy
   naming the line, and the chain continues and still verifies across a restart.
+- /metrics: open to a local scrape, a token with `admin` for a client a loopback proxy forwards for.
 - The egress guard is on in the server, and everything under the data dir is 0600 (files) / 0700 (dirs).
 
 Tests run in file order and share one server; the last one restarts it.
@@ -176,6 +177,29 @@ def test_public_key_as_hmac_secret_is_refused(gateway: Gateway) -> None:
     with gateway.client(forged) as client:
         response = client.get("/v1/audit")
         assert response.status_code == 401 and forged not in response.text
+
+
+def test_metrics_are_open_to_a_local_scrape_only(gateway: Gateway) -> None:
+    """auth.metrics_access = "loopback" (the default): this test is the Prometheus on the same host.  A
+    request a loopback proxy forwards for another machine is not local: uvicorn takes the client from
+    X-Forwarded-For (the audit record names it), and that client needs a token with `admin`."""
+    forwarded = {"X-Forwarded-For": "198.51.100.4"}
+    with gateway.client() as client:
+        local = client.get("/metrics")
+        assert local.status_code == 200 and "gateway_http_requests_total" in local.text
+        proxied = client.get("/metrics", headers=forwarded)
+        assert proxied.status_code == 401 and proxied.headers["www-authenticate"] == "Bearer"
+        assert proxied.json()["error"]["code"] == "invalid_api_key"
+        assert client.get("/v1/models").status_code == 401  # loopback opens /metrics, nothing else
+    with gateway.client(gateway.token("chat models:read files:read fine_tuning:read")) as client:
+        assert client.get("/metrics", headers=forwarded).status_code == 403
+    with gateway.client(gateway.token("admin", sub="prometheus")) as client:
+        allowed = client.get("/metrics", headers=forwarded)
+        assert allowed.status_code == 200 and "gateway_http_requests_total" in allowed.text
+    ids = {proxied.headers["x-request-id"], allowed.headers["x-request-id"]}
+    records = {r["request_id"]: r for r in wait_for_records(gateway, ids)}
+    assert records[proxied.headers["x-request-id"]]["client"] == "198.51.100.4"
+    assert records[allowed.headers["x-request-id"]]["subject"] == "prometheus"
 
 
 # ── Privacy: canaries ──────────────────────────────────────────────────────────────────────────────────────

@@ -39,7 +39,7 @@ def test_example_config_loads_with_production_choices() -> None:
     assert settings.data_dir == "/var/lib/privacy-gateway"
     assert settings.auth.enabled and settings.auth.jwks_file and not settings.auth.hs256_secret_file
     assert set(settings.auth.algorithms) <= {"RS256", "EdDSA"} and settings.auth.algorithms
-    assert not settings.auth.metrics_public
+    assert settings.auth.metrics_access == "token"
     assert settings.privacy.encrypt_at_rest and settings.privacy.block_egress
     assert not settings.server.plain_http
     assert not settings.finetune.run_worker  # the worker has its own unit / container

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.metrics import GatewayMetrics
-from gateway.settings import AuthSettings, Settings
+from gateway.settings import AuthSettings, LimitSettings, Settings
+from tests.unit.peer import REMOTE, Peer
 
 MODEL = "smollm2-135m-instruct"
 SECRET_PROMPT = "my-patient-id-4711 has diabetes"
@@ -71,8 +74,12 @@ class FakeEngine:
     def shutdown(self) -> None: ...
 
 
-def _settings(tmp_path: Path, *, metrics_public: bool) -> Settings:
-    settings = Settings(data_dir=str(tmp_path / "data"), auth=AuthSettings(metrics_public=metrics_public))
+def _settings(tmp_path: Path, *, access: str, requests_per_minute: int = 600) -> Settings:
+    settings = Settings(
+        data_dir=str(tmp_path / "data"),
+        auth=AuthSettings(metrics_access=access),
+        limits=LimitSettings(requests_per_minute=requests_per_minute),
+    )
     ensure_dev_keys(settings)
     return settings
 
@@ -89,8 +96,8 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def public(tmp_path: Path, engine: FakeEngine) -> Iterator[tuple[TestClient[Any], Settings]]:
-    settings = _settings(tmp_path, metrics_public=True)
-    with TestClient(create_app(settings, engines={MODEL: engine})) as client:
+    settings = _settings(tmp_path, access="public")
+    with TestClient(Peer(create_app(settings, engines={MODEL: engine}))) as client:
         yield client, settings
 
 
@@ -183,14 +190,113 @@ def test_no_content_and_no_raw_paths_in_the_output(public: tuple[TestClient[Any]
     )
 
 
-def test_private_metrics_need_admin(tmp_path: Path, engine: FakeEngine) -> None:
-    settings = _settings(tmp_path, metrics_public=False)
-    with TestClient(create_app(settings, engines={MODEL: engine})) as client:
-        assert client.get("/metrics").status_code == 401
-        assert client.get("/metrics", headers=_token(settings, "chat models:read")).status_code == 403
-        response = client.get("/metrics", headers=_token(settings, "admin"))
-        assert response.status_code == 200
-        assert "gateway_engine_running_sequences" in response.text
+def _assert_401(response: Any) -> None:
+    assert response.status_code == 401
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+@dataclass
+class Scraper:
+    client: TestClient[Any]
+    peer: Peer  # set peer.host to call from another address
+    settings: Settings
+
+    def get(self, host: str, headers: dict[str, str] | None = None) -> Any:
+        self.peer.host = host
+        return self.client.get("/metrics", headers=headers or {})
+
+    def token(self, scope: str) -> dict[str, str]:
+        return _token(self.settings, scope)
+
+
+@pytest.fixture
+def scraper(tmp_path: Path, engine: FakeEngine) -> Iterator[Callable[..., Scraper]]:
+    """`scraper(access)`: the real app with `auth.metrics_access = access`, called from a chosen peer."""
+    with ExitStack() as stack:
+
+        def start(access: str, **limits: int) -> Scraper:
+            settings = _settings(tmp_path / access, access=access, **limits)
+            peer = Peer(create_app(settings, engines={MODEL: engine}))
+            return Scraper(stack.enter_context(TestClient(peer)), peer, settings)
+
+        yield start
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.8.9.10", "::1", "::ffff:127.0.0.1"])
+def test_loopback_mode_scrapes_from_loopback_without_a_token(
+    scraper: Callable[..., Scraper], host: str
+) -> None:
+    response = scraper("loopback").get(host)
+    assert response.status_code == 200
+    assert "gateway_engine_running_sequences" in response.text
+
+
+@pytest.mark.parametrize("host", [REMOTE, "10.1.2.3", "::ffff:10.1.2.3", "2001:db8::7", "testclient"])
+def test_loopback_mode_needs_admin_from_anywhere_else(scraper: Callable[..., Scraper], host: str) -> None:
+    scrape = scraper("loopback")
+    _assert_401(scrape.get(host))
+    garbage = scrape.get(host, {"Authorization": "Bearer garbage"})
+    assert garbage.status_code == 401
+    assert garbage.headers["www-authenticate"].startswith("Bearer error=")
+    denied = scrape.get(host, scrape.token("chat models:read files:read fine_tuning:read"))
+    assert denied.status_code == 403
+    assert denied.json()["error"]["code"] == "insufficient_scope"
+    allowed = scrape.get(host, scrape.token("admin"))
+    assert allowed.status_code == 200
+    assert "gateway_engine_running_sequences" in allowed.text
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        {"X-Forwarded-For": "198.51.100.4"},
+        {"X-Forwarded-For": "127.0.0.1"},
+        {"Forwarded": "for=198.51.100.4"},
+        {"X-Real-IP": "198.51.100.4"},
+    ],
+)
+def test_loopback_mode_treats_a_proxied_request_as_remote(
+    scraper: Callable[..., Scraper], header: dict[str, str]
+) -> None:
+    scrape = scraper("loopback")
+    _assert_401(scrape.get("127.0.0.1", header))
+    assert scrape.get("127.0.0.1", {**header, **scrape.token("admin")}).status_code == 200
+
+
+def test_loopback_mode_opens_metrics_only(scraper: Callable[..., Scraper]) -> None:
+    """A local peer scrapes without a token, and that is all it gets without one."""
+    scrape = scraper("loopback")
+    scrape.peer.host = "127.0.0.1"
+    assert scrape.client.get("/metrics").status_code == 200
+    _assert_401(scrape.client.get("/v1/models"))
+    _assert_401(scrape.client.get("/v1/audit"))
+
+
+def test_a_remote_scrape_is_rate_limited_like_any_request(scraper: Callable[..., Scraper]) -> None:
+    scrape = scraper("loopback", requests_per_minute=1)
+    admin = scrape.token("admin")
+    assert scrape.get(REMOTE, admin).status_code == 200
+    limited = scrape.get(REMOTE, admin)
+    assert limited.status_code == 429
+    assert "retry-after" in limited.headers
+    # a local scrape names no subject to limit
+    assert all(scrape.get("127.0.0.1").status_code == 200 for _ in range(3))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", REMOTE])
+def test_token_mode_needs_admin_even_from_loopback(scraper: Callable[..., Scraper], host: str) -> None:
+    scrape = scraper("token")
+    _assert_401(scrape.get(host))
+    assert scrape.get(host, scrape.token("chat models:read")).status_code == 403
+    assert scrape.get(host, scrape.token("admin")).status_code == 200
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", REMOTE, "testclient"])
+def test_public_mode_needs_no_token_from_anywhere(scraper: Callable[..., Scraper], host: str) -> None:
+    response = scraper("public").get(host)
+    assert response.status_code == 200
+    assert "gateway_engine_running_sequences" in response.text
 
 
 def test_openmetrics_when_asked(public: tuple[TestClient[Any], Settings]) -> None:

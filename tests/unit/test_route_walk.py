@@ -1,8 +1,11 @@
 """Walk every route the real app registers (create_app, fake engine) and prove default-deny on each.
 
-The walk reads app.routes, so a route another module adds later is covered without editing this file:
-- no token -> 401, `WWW-Authenticate: Bearer`, OpenAI error envelope; except the public set below, which
-  is pinned exactly, so a new public route is a deliberate change to this test;
+The walk reads app.routes, so a route another module adds later is covered without editing this file.  It
+runs once per `auth.metrics_access` mode and calling peer (loopback or another machine):
+- no token -> 401, `WWW-Authenticate: Bearer`, OpenAI error envelope; except the open set, which is found
+  by calling every route without a token (not by trusting the handlers' `public` mark) and pinned exactly:
+  /healthz and /readyz, plus /metrics in `public` mode and, in `loopback` mode, for a loopback peer only.
+  A new open route is a deliberate change to this test;
 - a garbage token -> 401;
 - a token with every scope but the one a handler needs -> 403; with only that scope -> neither 401 nor 403;
   admin -> neither.  A handler that names no scope (Litestar's automatic OPTIONS handlers included) needs
@@ -14,7 +17,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +32,7 @@ from gateway.auth.principal import ALL_SCOPES
 from gateway.auth.tokens import mint_dev_token
 from gateway.settings import AuthSettings, LimitSettings, Settings
 from tests.unit.fake_engine import FakeEngine
+from tests.unit.peer import REMOTE, Peer
 
 ALWAYS_PUBLIC = {("GET", "/healthz"), ("GET", "/readyz")}
 _PARAM = re.compile(r"\{(\w+)(?::(\w+))?\}")
@@ -40,7 +44,6 @@ class Endpoint:
     method: str
     template: str
     path: str
-    public: bool
     needs: str  # the scope the handler requires; "admin" when it names none (or an unknown one)
 
     def __str__(self) -> str:
@@ -63,8 +66,7 @@ def endpoints(app: Litestar) -> list[Endpoint]:
             handler = entry[0] if isinstance(entry, tuple) else entry
             scope = handler.opt.get("scope")
             needs = scope if isinstance(scope, str) and scope in ALL_SCOPES else "admin"
-            public = handler.opt.get("public") is True
-            found.append(Endpoint(method, route.path, _concrete(route.path), public, needs))
+            found.append(Endpoint(method, route.path, _concrete(route.path), needs))
     return sorted(found, key=str)
 
 
@@ -72,7 +74,9 @@ def endpoints(app: Litestar) -> list[Endpoint]:
 class Walk:
     client: TestClient[Any]
     settings: Settings
+    metrics_open: bool  # /metrics answers this walk's peer without a token
     endpoints: list[Endpoint]
+    public: set[Endpoint] = field(default_factory=set)  # those that answered a tokenless call with no 401
 
     def token(self, scopes: set[str] | frozenset[str], sub: str = "walker") -> dict[str, str]:
         token = mint_dev_token(self.settings, sub=sub, org="walk-org", scope=sorted(scopes), ttl_seconds=300)
@@ -81,23 +85,37 @@ class Walk:
     def call(self, endpoint: Endpoint, headers: dict[str, str] | None = None) -> Any:
         return self.client.request(endpoint.method, endpoint.path, headers=headers or {})
 
+    def protected(self) -> list[Endpoint]:
+        return [e for e in self.endpoints if e not in self.public]
 
-def _walk(tmp_path: Path, *, metrics_public: bool) -> Iterator[Walk]:
+
+# (auth.metrics_access, the peer the walk calls from, whether /metrics is open to it)
+WALKS = [
+    ("loopback", REMOTE, False),
+    ("loopback", "127.0.0.1", True),
+    ("token", "127.0.0.1", False),
+    ("public", REMOTE, True),
+]
+
+
+def _walk(tmp_path: Path, access: str, peer: str, metrics_open: bool) -> Iterator[Walk]:
     settings = Settings(
         data_dir=str(tmp_path / "data"),
-        auth=AuthSettings(metrics_public=metrics_public),
+        auth=AuthSettings(metrics_access=access),
         limits=LimitSettings(requests_per_minute=0),  # the walk sends hundreds of requests
     )
     ensure_dev_keys(settings)
     app = create_app(settings, engines={"smollm2-135m-instruct": FakeEngine()})
     litestar_app = app.app  # type: ignore[attr-defined]  # inside the AuditMiddleware
-    with TestClient(app) as client:
-        yield Walk(client, settings, endpoints(litestar_app))
+    with TestClient(Peer(app, peer)) as client:
+        walk = Walk(client, settings, metrics_open, endpoints(litestar_app))
+        walk.public = {e for e in walk.endpoints if walk.call(e).status_code != 401}
+        yield walk
 
 
-@pytest.fixture(scope="module", params=[True, False], ids=["metrics_public", "metrics_private"])
+@pytest.fixture(scope="module", params=WALKS, ids=[f"{access}-from-{peer}" for access, peer, _ in WALKS])
 def walk(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Walk]:
-    yield from _walk(tmp_path_factory.mktemp("walk"), metrics_public=request.param)
+    yield from _walk(tmp_path_factory.mktemp("walk"), *request.param)
 
 
 def _assert_envelope(response: Any) -> None:
@@ -113,6 +131,7 @@ def test_the_walk_sees_the_known_routes(walk: Walk) -> None:
     expected = {
         ("GET", "/healthz"),
         ("GET", "/readyz"),
+        ("GET", "/metrics"),
         ("POST", "/v1/chat/completions"),
         ("POST", "/v1/completions"),
         ("GET", "/v1/models"),
@@ -125,18 +144,18 @@ def test_the_walk_sees_the_known_routes(walk: Walk) -> None:
 
 
 def test_public_routes_are_exactly_the_expected_ones(walk: Walk) -> None:
-    public = {(e.method, e.template) for e in walk.endpoints if e.public}
+    public = {(e.method, e.template) for e in walk.public}
     expected = set(ALWAYS_PUBLIC)
-    if walk.settings.auth.metrics_public and any(e.template == "/metrics" for e in walk.endpoints):
+    if walk.metrics_open:
         expected.add(("GET", "/metrics"))
     assert public == expected
-    for endpoint in (e for e in walk.endpoints if e.public):
+    for endpoint in walk.public:
         assert walk.call(endpoint).status_code not in (401, 403), endpoint
 
 
 def test_every_other_route_refuses_a_missing_token(walk: Walk) -> None:
     failures = []
-    for endpoint in (e for e in walk.endpoints if not e.public):
+    for endpoint in walk.protected():
         response = walk.call(endpoint)
         if response.status_code != 401 or response.headers.get("www-authenticate") != "Bearer":
             failures.append(f"{endpoint}: {response.status_code} {response.headers.get('www-authenticate')}")
@@ -152,7 +171,7 @@ def test_every_other_route_refuses_a_missing_token(walk: Walk) -> None:
 )
 def test_every_other_route_refuses_a_garbage_token(walk: Walk, authorization: str) -> None:
     failures = []
-    for endpoint in (e for e in walk.endpoints if not e.public):
+    for endpoint in walk.protected():
         response = walk.call(endpoint, {"Authorization": authorization})
         if response.status_code != 401 or not response.headers.get("www-authenticate", "").startswith(
             "Bearer"
@@ -166,7 +185,7 @@ def test_every_other_route_refuses_a_garbage_token(walk: Walk, authorization: st
 def test_scope_matrix(walk: Walk) -> None:
     """Every scope but the needed one -> 403; the needed one alone -> through the guard; admin likewise."""
     failures = []
-    for endpoint in (e for e in walk.endpoints if not e.public):
+    for endpoint in walk.protected():
         others = ALL_SCOPES - {endpoint.needs, "admin"}
         denied = walk.call(endpoint, walk.token(others))
         if denied.status_code != 403:
@@ -188,7 +207,7 @@ def test_each_single_scope_reaches_only_its_own_routes(walk: Walk) -> None:
     failures = []
     for scope in sorted(ALL_SCOPES - {"admin"}):
         headers = walk.token({scope}, sub=f"only-{scope}")
-        for endpoint in (e for e in walk.endpoints if not e.public):
+        for endpoint in walk.protected():
             status = walk.call(endpoint, headers).status_code
             if (endpoint.needs == scope) != (status not in (401, 403)):
                 failures.append(f"{endpoint} with only {scope}: {status}")
