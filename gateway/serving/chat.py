@@ -5,13 +5,14 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 import structlog
 
 from gateway.auth.principal import Principal
-from gateway.engine.base import ChatMessage, GenerationRequest, GenerationStream, SamplingParams
+from gateway.engine.base import ChatMessage, ChoiceDelta, GenerationRequest, GenerationStream, SamplingParams
 from gateway.engine.base import TokenLogprob as EngineLogprob
 from gateway.errors import GatewayError, InvalidRequest
 from gateway.metrics import GatewayMetrics
@@ -37,6 +38,66 @@ class _Accumulated:
     logprobs: list[EngineLogprob] | None = None
 
 
+@dataclass
+class _Generation:
+    """One request accepted by an engine, with the hooks that observe it (audit usage, metrics)."""
+
+    stream: GenerationStream
+    sampling: SamplingParams
+    n: int
+    on_usage: UsageSink
+    on_first_token: Callable[[], None]
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    async def collect(self) -> tuple[list[_Accumulated], p.Usage]:
+        results = [_Accumulated() for _ in range(self.n)]
+        async for delta in self.stream:
+            acc = results[delta.index]
+            acc.text += delta.text
+            acc.tokens += delta.token_count
+            if delta.logprobs:
+                acc.logprobs = (acc.logprobs or []) + delta.logprobs
+            if delta.finish_reason is not None:
+                acc.finish = delta.finish_reason
+        completion_tokens = sum(r.tokens for r in results)
+        self.on_usage(self.stream.prompt_tokens, completion_tokens)
+        return results, _usage(self.stream.prompt_tokens, completion_tokens)
+
+    async def sse(
+        self,
+        chunk: Callable[[list[Any], p.Usage | msgspec.UnsetType | None], bytes],
+        choices_for: Callable[[ChoiceDelta], list[list[Any]]],
+        *,
+        include_usage: bool,
+        opening: list[list[Any]] = [],  # noqa: B006 - never mutated
+    ) -> AsyncIterator[bytes]:
+        """The SSE body: `data: {chunk}` events, the usage chunk if asked for, then `data: [DONE]`."""
+        completion_tokens = 0
+        # OpenAI sends "usage": null on every chunk but the last when usage is asked for
+        no_usage = None if include_usage else msgspec.UNSET
+        try:
+            for choices in opening:
+                yield chunk(choices, no_usage)
+            async for delta in self.stream:
+                completion_tokens += delta.token_count
+                if delta.text or delta.logprobs:
+                    self.on_first_token()
+                for choices in choices_for(delta):
+                    yield chunk(choices, no_usage)
+            if include_usage:
+                yield chunk([], _usage(self.stream.prompt_tokens, completion_tokens))
+            yield b"data: [DONE]\n\n"
+        except GatewayError as exc:  # headers are sent: report in-band, as OpenAI does
+            yield b"data: " + msgspec.json.encode(exc.envelope()) + b"\n\n"
+        finally:
+            self.on_usage(self.stream.prompt_tokens, completion_tokens)
+            await self.stream.aclose()
+
+
+def _event(body: msgspec.Struct) -> bytes:
+    return b"data: " + msgspec.json.encode(body) + b"\n\n"
+
+
 class ChatService:
     def __init__(
         self, registry: ModelRegistry, limits: LimitSettings, metrics: GatewayMetrics | None = None
@@ -50,201 +111,158 @@ class ChatService:
     async def chat(
         self, req: p.ChatCompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
     ) -> p.ChatCompletion | AsyncIterator[bytes]:
-        started = time.perf_counter()
-        engine, entry = await self._registry.engine_for(req.model, principal)
-        on_usage, on_first_token = self._observed(entry, on_usage, started)
-        max_tokens = req.max_completion_tokens or req.max_tokens
-        sampling = self._sampling(
-            req, max_tokens, logprobs=bool(req.logprobs), top_logprobs=req.top_logprobs or 0
-        )
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
-        messages = tuple(_message(i, m) for i, m in enumerate(req.messages))
-        stream = await engine.submit(
-            GenerationRequest(
-                request_id=request_id,
-                model=entry.base,
-                messages=messages,
-                sampling=sampling,
-                n=req.n or 1,
-                adapter=None if entry.is_base else entry.id,
-            )
+        gen = await self._generate(
+            req,
+            principal,
+            request_id,
+            on_usage,
+            max_tokens=req.max_completion_tokens or req.max_tokens,
+            logprobs=bool(req.logprobs),
+            top_logprobs=req.top_logprobs or 0,
+            messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._chat_chunks(
-                stream, completion_id, created, req.model, req.n or 1, include_usage, on_usage, on_first_token
-            )
-        results = await _collect(stream, req.n or 1)
-        completion_tokens = sum(r.tokens for r in results)
-        on_usage(stream.prompt_tokens, completion_tokens)
+
+            def chunk(choices: list[Any], usage: p.Usage | msgspec.UnsetType | None) -> bytes:
+                return _event(
+                    p.ChatCompletionChunk(
+                        id=completion_id, created=gen.created, model=req.model, choices=choices, usage=usage
+                    )
+                )
+
+            def choices_for(delta: ChoiceDelta) -> list[list[Any]]:
+                out = []
+                if delta.text or delta.logprobs:
+                    logprobs = (
+                        p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
+                    )
+                    content = p.Delta(content=delta.text)
+                    out.append([p.ChunkChoice(index=delta.index, delta=content, logprobs=logprobs)])
+                if delta.finish_reason is not None:
+                    finish = p.ChunkChoice(
+                        index=delta.index, delta=p.Delta(), finish_reason=delta.finish_reason
+                    )
+                    out.append([finish])
+                return out
+
+            opening = [
+                [p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))] for i in range(gen.n)
+            ]
+            return gen.sse(chunk, choices_for, include_usage=include_usage, opening=opening)
+        results, usage = await gen.collect()
         return p.ChatCompletion(
             id=completion_id,
-            created=created,
+            created=gen.created,
             model=req.model,
             choices=[
                 p.Choice(
                     index=i,
                     message=p.ResponseMessage(role="assistant", content=r.text),
                     logprobs=p.ChoiceLogprobs(content=_chat_logprobs(r.logprobs))
-                    if sampling.logprobs
+                    if gen.sampling.logprobs
                     else None,
                     finish_reason=r.finish or "stop",  # type: ignore[arg-type]
                 )
                 for i, r in enumerate(results)
             ],
-            usage=_usage(stream.prompt_tokens, completion_tokens),
+            usage=usage,
         )
-
-    async def _chat_chunks(
-        self,
-        stream: GenerationStream,
-        completion_id: str,
-        created: int,
-        model: str,
-        n: int,
-        include_usage: bool,
-        on_usage: UsageSink,
-        on_first_token: Callable[[], None],
-    ) -> AsyncIterator[bytes]:
-        def chunk(
-            choices: list[p.ChunkChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
-        ) -> bytes:
-            if include_usage and usage is msgspec.UNSET:
-                usage = None  # OpenAI sends "usage": null on every chunk but the last when usage is asked for
-            body = p.ChatCompletionChunk(
-                id=completion_id, created=created, model=model, choices=choices, usage=usage
-            )
-            return b"data: " + msgspec.json.encode(body) + b"\n\n"
-
-        completion_tokens = 0
-        try:
-            for index in range(n):
-                yield chunk([p.ChunkChoice(index=index, delta=p.Delta(role="assistant", content=""))])
-            async for delta in stream:
-                completion_tokens += delta.token_count
-                if delta.text or delta.logprobs:
-                    on_first_token()
-                    logprobs = (
-                        p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
-                    )
-                    yield chunk(
-                        [
-                            p.ChunkChoice(
-                                index=delta.index, delta=p.Delta(content=delta.text), logprobs=logprobs
-                            )
-                        ]
-                    )
-                if delta.finish_reason is not None:
-                    yield chunk(
-                        [p.ChunkChoice(index=delta.index, delta=p.Delta(), finish_reason=delta.finish_reason)]
-                    )
-            if include_usage:
-                yield chunk([], _usage(stream.prompt_tokens, completion_tokens))
-            yield b"data: [DONE]\n\n"
-        except GatewayError as exc:  # headers are sent: report in-band, as OpenAI does
-            yield b"data: " + msgspec.json.encode(exc.envelope()) + b"\n\n"
-        finally:
-            on_usage(stream.prompt_tokens, completion_tokens)
-            await stream.aclose()
 
     # -- legacy completions ------------------------------------------------------------------------------
 
     async def complete(
         self, req: pc.CompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
     ) -> pc.Completion | AsyncIterator[bytes]:
-        started = time.perf_counter()
-        engine, entry = await self._registry.engine_for(req.model, principal)
-        on_usage, on_first_token = self._observed(entry, on_usage, started)
         prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
-        sampling = self._sampling(
-            req, req.max_tokens, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0
-        )
-        stream = await engine.submit(
-            GenerationRequest(
-                request_id=request_id,
-                model=entry.base,
-                prompt=prompt,
-                sampling=sampling,
-                n=req.n or 1,
-                adapter=None if entry.is_base else entry.id,
-            )
+        gen = await self._generate(
+            req,
+            principal,
+            request_id,
+            on_usage,
+            max_tokens=req.max_tokens,
+            logprobs=req.logprobs is not None,
+            top_logprobs=req.logprobs or 0,
+            prompt=prompt,
         )
         completion_id = f"cmpl-{uuid.uuid4().hex}"
-        created = int(time.time())
         echo = prompt if req.echo else ""
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return self._completion_chunks(
-                stream, completion_id, created, req.model, echo, include_usage, on_usage, on_first_token
-            )
-        results = await _collect(stream, req.n or 1)
-        completion_tokens = sum(r.tokens for r in results)
-        on_usage(stream.prompt_tokens, completion_tokens)
+            offsets: dict[int, int] = {}  # per choice: characters sent so far, for logprobs.text_offset
+
+            def chunk(choices: list[Any], usage: p.Usage | msgspec.UnsetType | None) -> bytes:
+                return _event(
+                    pc.Completion(
+                        id=completion_id, created=gen.created, model=req.model, choices=choices, usage=usage
+                    )
+                )
+
+            def choices_for(delta: ChoiceDelta) -> list[list[Any]]:
+                first = delta.index not in offsets
+                text = (echo if first else "") + delta.text
+                start = offsets.get(delta.index, 0) + (len(echo) if first else 0)
+                offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
+                logprobs = _completion_logprobs(delta.logprobs, start) if gen.sampling.logprobs else None
+                choice = pc.CompletionChoice(
+                    index=delta.index, text=text, finish_reason=delta.finish_reason, logprobs=logprobs
+                )
+                return [[choice]]
+
+            return gen.sse(chunk, choices_for, include_usage=include_usage)
+        results, usage = await gen.collect()
         return pc.Completion(
             id=completion_id,
-            created=created,
+            created=gen.created,
             model=req.model,
             choices=[
                 pc.CompletionChoice(
                     index=i,
                     text=echo + r.text,
                     finish_reason=r.finish or "stop",  # type: ignore[arg-type]
-                    logprobs=_completion_logprobs(r.logprobs, len(echo)) if sampling.logprobs else None,
+                    logprobs=_completion_logprobs(r.logprobs, len(echo)) if gen.sampling.logprobs else None,
                 )
                 for i, r in enumerate(results)
             ],
-            usage=_usage(stream.prompt_tokens, completion_tokens),
+            usage=usage,
         )
 
-    async def _completion_chunks(
-        self,
-        stream: GenerationStream,
-        completion_id: str,
-        created: int,
-        model: str,
-        echo: str,
-        include_usage: bool,
-        on_usage: UsageSink,
-        on_first_token: Callable[[], None],
-    ) -> AsyncIterator[bytes]:
-        def chunk(
-            choices: list[pc.CompletionChoice], usage: p.Usage | msgspec.UnsetType | None = msgspec.UNSET
-        ) -> bytes:
-            if include_usage and usage is msgspec.UNSET:
-                usage = None
-            body = pc.Completion(id=completion_id, created=created, model=model, choices=choices, usage=usage)
-            return b"data: " + msgspec.json.encode(body) + b"\n\n"
+    # -- shared ------------------------------------------------------------------------------------------
 
-        completion_tokens = 0
-        echoed: set[int] = set()
-        try:
-            async for delta in stream:
-                completion_tokens += delta.token_count
-                if delta.text:
-                    on_first_token()
-                prefix = echo if delta.index not in echoed else ""
-                echoed.add(delta.index)
-                yield chunk(
-                    [
-                        pc.CompletionChoice(
-                            index=delta.index,
-                            text=prefix + delta.text,
-                            finish_reason=delta.finish_reason,
-                            logprobs=None,
-                        )
-                    ]
-                )
-            if include_usage:
-                yield chunk([], _usage(stream.prompt_tokens, completion_tokens))
-            yield b"data: [DONE]\n\n"
-        except GatewayError as exc:
-            yield b"data: " + msgspec.json.encode(exc.envelope()) + b"\n\n"
-        finally:
-            on_usage(stream.prompt_tokens, completion_tokens)
-            await stream.aclose()
+    async def _generate(
+        self,
+        req: p.SamplingRequest,
+        principal: Principal,
+        request_id: str,
+        on_usage: UsageSink,
+        *,
+        max_tokens: int | None,
+        logprobs: bool,
+        top_logprobs: int,
+        messages: tuple[ChatMessage, ...] | None = None,
+        prompt: str | None = None,
+    ) -> _Generation:
+        """Resolve the model for this principal, check the sampling request and submit it to the engine."""
+        started = time.perf_counter()
+        engine, entry = await self._registry.engine_for(req.model, principal)
+        observed_usage, on_first_token = self._observed(entry, on_usage, started)
+        sampling = self._sampling(req, max_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
+        n = req.n or 1
+        stream = await engine.submit(
+            GenerationRequest(
+                request_id=request_id,
+                model=entry.base,
+                messages=messages,
+                prompt=prompt,
+                sampling=sampling,
+                n=n,
+                adapter=None if entry.is_base else entry.id,
+            )
+        )
+        return _Generation(stream, sampling, n, observed_usage, on_first_token)
 
     # -- shared ------------------------------------------------------------------------------------------
 
@@ -315,19 +333,6 @@ def _message(index: int, message: p.ChatMessageIn) -> ChatMessage:
             parts.append(part["text"])
         text = "".join(parts)
     return ChatMessage(role=_ROLE_MAP.get(message.role, message.role), content=text)
-
-
-async def _collect(stream: GenerationStream, n: int) -> list[_Accumulated]:
-    results = [_Accumulated() for _ in range(n)]
-    async for delta in stream:
-        acc = results[delta.index]
-        acc.text += delta.text
-        acc.tokens += delta.token_count
-        if delta.logprobs:
-            acc.logprobs = (acc.logprobs or []) + delta.logprobs
-        if delta.finish_reason is not None:
-            acc.finish = delta.finish_reason
-    return results
 
 
 def _usage(prompt: int, completion: int) -> p.Usage:

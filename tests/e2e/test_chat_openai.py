@@ -217,3 +217,27 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
         client.completions.create(model=MODEL, prompt="1, 2, 3,", max_tokens=6, temperature=0, stream=True)
     )
     assert "".join(c.choices[0].text for c in chunks if c.choices)
+
+
+def test_legacy_completions_stream_logprobs_and_echo(client: openai.OpenAI) -> None:
+    prompt = "1, 2, 3,"
+    whole = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True
+    )
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=prompt, max_tokens=6, temperature=0, logprobs=2, echo=True, stream=True
+        )
+    )
+    for c in chunks:  # the spec has no legacy chunk schema; OpenAI streams finish_reason null until the end
+        if c.choices and c.choices[0].finish_reason:
+            validate("CreateCompletionResponse", c.model_dump(exclude_unset=True))
+    streamed = [c.choices[0] for c in chunks if c.choices]
+    assert "".join(s.text for s in streamed) == whole.choices[0].text
+    assert whole.choices[0].text.startswith(prompt)
+    tokens = [t for s in streamed if s.logprobs for t in s.logprobs.tokens]
+    offsets = [o for s in streamed if s.logprobs for o in s.logprobs.text_offset]
+    assert whole.choices[0].logprobs is not None
+    assert tokens == whole.choices[0].logprobs.tokens
+    assert offsets == whole.choices[0].logprobs.text_offset  # the same positions in the echoed text
+    assert offsets[0] == len(prompt)
