@@ -8,6 +8,7 @@ dequantized by transformers on load (~20-40 s), so the first use converts it to 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -17,6 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from gateway.private_files import write_private_file
 from gateway.settings import DEFAULT_MODEL, Settings
 
 if TYPE_CHECKING:
@@ -27,6 +29,7 @@ __all__ = [
     "BaseModelError",
     "base_model_sources",
     "embedded_gguf",
+    "gguf_weight_bits",
     "load_model",
     "load_tokenizer",
     "model_identity",
@@ -80,9 +83,10 @@ def prepare(name: str, source: Path, data_dir: Path) -> Path:
     marker = target / _READY_MARKER
     stat = source.stat()
     stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    if marker.is_file() and json.loads(marker.read_text()) == stamp:
+    if marker.is_file() and _same_source(json.loads(marker.read_text()), stamp):
         return target
     _convert_gguf(source, target, stamp)
+    gguf_weight_bits(target)  # read the header once now, while converting is slow anyway
     return target
 
 
@@ -104,6 +108,38 @@ def model_identity(path: Path) -> str:
             with file.open("rb") as fh:
                 digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()
+
+
+def gguf_weight_bits(model_dir: Path) -> int | None:
+    """Bits per weight of the decoder layers' matrices in the GGUF file `model_dir` was converted from
+    (4 for Q4_0/Q4_1/Q4_K/IQ4, 8 for Q8_0, 16 for F16), or None when it was not converted from a GGUF.
+    The engine quantizes its decode copy of the weights no further than this, so it loses nothing new.
+    Reading a GGUF's header takes ~2 s (its vocabulary), so the answer is kept in the conversion marker."""
+    marker = model_dir / _READY_MARKER
+    try:
+        stamp = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if "weight_bits" in stamp:
+        return int(stamp["weight_bits"]) or None
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(stamp["source"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    bits = 0
+    for tensor in reader.tensors:
+        if tensor.name.startswith("blk.") and tensor.name.endswith(".weight") and len(tensor.shape) == 2:
+            digits = "".join(c for c in tensor.tensor_type.name.split("_")[0] if c.isdigit())
+            bits = max(bits, int(digits) if digits else 32)  # Q4_1 -> 4, IQ4_XS -> 4, F16 -> 16, F32 -> 32
+    with contextlib.suppress(OSError):  # a read-only data dir only means reading the header again
+        write_private_file(marker, json.dumps({**stamp, "weight_bits": bits}).encode())
+    return bits or None
+
+
+def _same_source(marker: dict[str, Any], stamp: dict[str, Any]) -> bool:
+    return all(marker.get(key) == value for key, value in stamp.items())
 
 
 def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:

@@ -66,6 +66,8 @@ def build_engine(settings: Settings, name: str) -> Engine:
         default_max_tokens=settings.engine.default_max_tokens,
         max_adapters=settings.engine.max_adapters,
         threads=settings.engine.threads,
+        quantization=settings.engine.quantization,
+        quantized_max_rows=settings.engine.quantized_max_rows,
     )
     engine.start()
     return engine

@@ -35,6 +35,7 @@ __all__ = [
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 METRICS_ACCESS = ("loopback", "token", "public")
+QUANTIZATION = ("auto", "int4", "int8", "none")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
 _RETIRED = {
@@ -83,6 +84,22 @@ class EngineSettings:
     max_adapters: int = _f(8, "LoRA adapters kept loaded at once (least recently used are evicted).")
     default_max_tokens: int = _f(512, "Completion length when a request names none.")
     threads: int = _f(0, "torch intra-op threads for the engine; 0 = all cores.")
+    quantization: str = _f(
+        "auto",
+        "Weight-only quantized copy of the weights for steps of at most quantized_max_rows rows, where "
+        "decoding is bound by the bytes of weights read: int4 (groups of 32), int8 (per row) or none. auto = "
+        "as many bits as the GGUF the model was converted from (int4 for Q4 files), none for other models. "
+        "Needs bfloat16 weights on the CPU (models.dtype).",
+    )
+    quantized_max_rows: int = _f(
+        16, "Largest step (rows) the quantized copy serves; larger use dense ones (crossover ~20 rows here)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.quantization not in QUANTIZATION:
+            raise ValueError(
+                f"engine.quantization must be one of {', '.join(QUANTIZATION)}, not {self.quantization!r}"
+            )
 
 
 @dataclass(frozen=True)

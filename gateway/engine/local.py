@@ -33,6 +33,7 @@ from gateway.engine.base import (
 )
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.lora import LoraAdapter
+from gateway.engine.quantized import Scheme
 from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch
 from gateway.engine.sampling import SequenceSampler, sample_batch
 from gateway.errors import (
@@ -45,7 +46,7 @@ from gateway.errors import (
     RateLimited,
 )
 
-__all__ = ["LocalEngine", "resolve_dtype"]
+__all__ = ["LocalEngine", "resolve_dtype", "resolve_quantization"]
 
 log = structlog.get_logger(__name__)
 
@@ -62,6 +63,25 @@ def resolve_dtype(name: str) -> torch.dtype:
     except OSError:
         return torch.float32
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def resolve_quantization(name: str, dtype: torch.dtype, model_dir: Path) -> Scheme | None:
+    """`auto` quantizes the decode copy only as far as the GGUF the model came from already was (so it loses
+    nothing new), and only where the kernels are fast: bf16 on the CPU."""
+    if name == "none":
+        return None
+    if name != "auto":
+        if dtype != torch.bfloat16 or torch.cuda.is_available():
+            raise EngineFailure(f"engine.quantization = {name} needs models.dtype bfloat16 on the CPU")
+        return "int4" if name == "int4" else "int8"
+    if dtype != torch.bfloat16 or torch.cuda.is_available():
+        return None
+    from finetune.base_model import gguf_weight_bits
+
+    bits = gguf_weight_bits(model_dir)
+    if bits is None or bits > 8:
+        return None
+    return "int4" if bits <= 4 else "int8"
 
 
 @dataclass
@@ -142,6 +162,8 @@ class LocalEngine:
         default_max_tokens: int = 512,
         max_adapters: int = 8,
         threads: int = 0,
+        quantization: str = "none",
+        quantized_max_rows: int = 16,
     ) -> None:
         self.model_name = model_name
         self.model_dir = model_dir
@@ -154,6 +176,9 @@ class LocalEngine:
         self.default_max_tokens = default_max_tokens
         self.max_adapters = max_adapters
         self.threads = threads
+        self.quantization_setting = quantization
+        self.quantized_max_rows = quantized_max_rows
+        self.quantization: Scheme | None = None
         self.tokenizer: Any = None
         self._runner: ModelRunner | None = None
         self._stop_ids: set[int] = set()
@@ -183,8 +208,14 @@ class LocalEngine:
         model = load_model(self.model_dir, dtype="float32")
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
         self.max_model_len = min(self.requested_model_len, int(context))
+        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, self.model_dir)
         self._runner = ModelRunner(
-            model, max_slots=self.max_running, max_model_len=self.max_model_len, dtype=self.dtype
+            model,
+            max_slots=self.max_running,
+            max_model_len=self.max_model_len,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            quantized_max_rows=self.quantized_max_rows,
         )
         del model  # the runner keeps its own (fused, possibly bf16) copies of the weights
         self._stop_ids = _stop_token_ids(self.tokenizer, self.model_dir)
@@ -195,6 +226,7 @@ class LocalEngine:
             "engine.started",
             model=self.model_name,
             dtype=str(self.dtype),
+            quantization=self.quantization or "none",
             seconds=round(time.perf_counter() - started, 2),
         )
 

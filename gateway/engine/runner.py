@@ -10,6 +10,7 @@ matmuls, and runs one *step* over a mix of
 
 so a joining request's prompt rides along the same weight reads as the running batch (continuous batching
 with chunked prefill).  Each row may carry its own LoRA adapter; deltas are applied per adapter group.
+Optionally a weight-only quantized copy of the weights serves the steps with few rows (quantized.py).
 
 Supported: LlamaForCausalLM and its relatives (Mistral, Qwen2 with qkv bias, Qwen3 with q/k norms).
 """
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from gateway.engine.lora import LoraAdapter
+from gateway.engine.quantized import QuantizedWeight, Scheme, quantize
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillSegment", "StepBatch", "UnsupportedModel"]
 
@@ -64,13 +66,21 @@ class _Layer:
     down: torch.Tensor
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
+    compact: dict[str, QuantizedWeight] = field(default_factory=dict)  # name -> quantized copy
 
 
 class ModelRunner:
     """Owns the weights and the KV cache.  Not thread-safe: one engine thread calls it."""
 
     def __init__(
-        self, model: Any, *, max_slots: int, max_model_len: int, dtype: torch.dtype | None = None
+        self,
+        model: Any,
+        *,
+        max_slots: int,
+        max_model_len: int,
+        dtype: torch.dtype | None = None,
+        quantization: Scheme | None = None,
+        quantized_max_rows: int = 16,
     ) -> None:
         config = model.config
         arch = (getattr(config, "architectures", None) or [type(model).__name__])[0]
@@ -95,6 +105,18 @@ class ModelRunner:
         tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
         self.lm_head = self.embed if tied else model.lm_head.weight.detach().to(self.dtype)
         self.layers = [self._fuse(layer, self.dtype) for layer in inner.layers]
+        self.quantization = quantization
+        self.quantized_max_rows = quantized_max_rows if quantization else 0
+        if quantization:
+            if self.dtype != torch.bfloat16 or self.device.type != "cpu":
+                raise UnsupportedModel("quantized decode weights need bfloat16 weights on the CPU")
+            for fused in self.layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    compact = quantize(getattr(fused, name), quantization)
+                    if compact is not None:
+                        fused.compact[name] = compact
+            # The vocabulary projection stays dense: it picks the token, and measured on the default model
+            # a per-row int8 head triples the KL to fp32 (int4 layers alone match bf16's) for 10% speed.
         self.q_size = self.n_heads * self.head_dim
         self.kv_size = self.n_kv_heads * self.head_dim
         self.capacity = 0
@@ -174,10 +196,13 @@ class ModelRunner:
         dec_mask = self._decode_mask(dec_pos) if n_dec else None
         # running slots are kept dense by the scheduler, so the cache rows are usually a view, not a gather
         dense = batch.decode_slots == list(range(n_dec))
+        compact = len(token_ids) <= self.quantized_max_rows  # few rows: bound by weight bytes, not FLOPs
 
         for index, layer in enumerate(self.layers):
             h = F.rms_norm(x, (x.shape[-1],), layer.input_norm, self.eps).to(self.dtype)
-            qkv = F.linear(h, layer.qkv, layer.qkv_bias)
+            qkv = _linear(h, layer, "qkv", compact)
+            if layer.qkv_bias is not None:
+                qkv += layer.qkv_bias
             if groups:
                 _apply_lora(
                     qkv,
@@ -212,18 +237,18 @@ class ModelRunner:
                 )
                 offset = end
             attn_flat = attn.view(-1, self.q_size)
-            out = F.linear(attn_flat, layer.o)
+            out = _linear(attn_flat, layer, "o", compact)
             if groups:
                 _apply_lora(out, attn_flat, groups, index, ("o_proj",), (out.shape[-1],))
             x = x + out.float()
             h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps).to(self.dtype)
-            gate_up = F.linear(h, layer.gate_up)
+            gate_up = _linear(h, layer, "gate_up", compact)
             inter = layer.down.shape[1]
             if groups:
                 _apply_lora(gate_up, h, groups, index, ("gate_proj", "up_proj"), (inter, inter))
             gate, up = gate_up.split((inter, inter), dim=-1)
             act = F.silu(gate) * up
-            down = F.linear(act, layer.down)
+            down = _linear(act, layer, "down", compact)
             if groups:
                 _apply_lora(down, act, groups, index, ("down_proj",), (down.shape[-1],))
             x = x + down.float()
@@ -277,6 +302,11 @@ class ModelRunner:
             mask = torch.arange(stop, device=self.device).unsqueeze(0) <= rows
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
         return out[0].transpose(0, 1)
+
+
+def _linear(x: torch.Tensor, layer: _Layer, name: str, compact: bool) -> torch.Tensor:
+    quantized = layer.compact.get(name) if compact else None
+    return quantized.matmul(x) if quantized is not None else F.linear(x, getattr(layer, name))
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
