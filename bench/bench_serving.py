@@ -6,7 +6,8 @@ Baseline, measured in the same run: Hugging Face `model.generate` on the same mo
 another (what a simple server does), greedy, exactly `--tokens` new tokens.  Its time to first token at
 concurrency c is what the i-th queued request waits: i full generations plus its own prefill.
 Gateway: the real HTTPS server in a subprocess; c clients stream at once, each `--tokens` tokens
-(`ignore_eos`), and every client repeats `--rounds` times.  With --write the table replaces this
+(`ignore_eos`), and every client repeats `--rounds` times; a last row reruns one client with
+`engine.quantization=none` (dense weights only) to show what the int4 decode copy adds.  With --write the table replaces this
 benchmark's section in bench/RESULTS.md.
 """
 
@@ -124,29 +125,34 @@ def main() -> int:
         base_tps, base_first = baseline(model_dir, args.tokens, "float32")
         bf16_tps, _ = baseline(model_dir, args.tokens, "bfloat16")
         make_certs(root / "certs")
-        gateway = Gateway(
-            data_dir=root / "data",
-            certs=root / "certs",
-            model_dir=model_dir,
-            extra_env={"GATEWAY_LIMITS__REQUESTS_PER_MINUTE": "100000"},
-        )
-        gateway.start("--no-worker")
-        try:
-            token = gateway.token()
-            rows = []
-            single = None
-            for c in args.concurrency:
-                tps, ttfts = asyncio.run(gateway_round(gateway, token, c, args.tokens, args.rounds))
-                single = single or tps
-                per_request = args.tokens / base_tps
-                base_ttft = [i * per_request + base_first for i in range(c)]
-                rows.append(
-                    f"| {c} | {base_tps:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {tps / single:.2f}x | "
-                    f"{statistics.median(base_ttft):.2f} / {percentile(base_ttft, 0.95):.2f} | "
-                    f"{statistics.median(ttfts):.3f} / {percentile(ttfts, 0.95):.3f} |"
-                )
-        finally:
-            gateway.stop()
+        rows = []
+        single = None
+        for quantization in ("auto", "none"):  # the shipped default, then dense weights for one stream
+            gateway = Gateway(
+                data_dir=root / f"data-{quantization}",
+                certs=root / "certs",
+                model_dir=model_dir,
+                extra_env={
+                    "GATEWAY_LIMITS__REQUESTS_PER_MINUTE": "100000",
+                    "GATEWAY_ENGINE__QUANTIZATION": quantization,
+                },
+            )
+            gateway.start("--no-worker")
+            try:
+                token = gateway.token()
+                for c in args.concurrency if quantization == "auto" else [1]:
+                    tps, ttfts = asyncio.run(gateway_round(gateway, token, c, args.tokens, args.rounds))
+                    single = single or tps
+                    per_request = args.tokens / base_tps
+                    base_ttft = [i * per_request + base_first for i in range(c)]
+                    label = str(c) if quantization == "auto" else f"{c}, dense bf16 weights"
+                    rows.append(
+                        f"| {label} | {base_tps:.1f} | {tps:.1f} | {tps / base_tps:.2f}x | {tps / single:.2f}x | "
+                        f"{statistics.median(base_ttft):.2f} / {percentile(base_ttft, 0.95):.2f} | "
+                        f"{statistics.median(ttfts):.3f} / {percentile(ttfts, 0.95):.3f} |"
+                    )
+            finally:
+                gateway.stop()
 
     table = "\n".join(
         [
