@@ -5,8 +5,9 @@ adapter, or a checkpoint).  This bridge registers every existing row at start-up
 and then polls for rows past the last one it saw, a few times a second, loading a new final adapter into its
 engine at once so the first chat with it does not wait.  A request naming a model the poll has not seen yet
 asks the store directly (`resolve`, the registry's miss hook), so a model is usable the moment its job reads
-`succeeded`.  Adapters encrypted at rest are decrypted into a private temporary directory just long enough for
-the engine to read them (`open_adapter`).
+`succeeded`.  The same poll unregisters models whose rows are gone, so a model deleted through another
+gateway on the same data dir stops answering here too within a tick.  Adapters encrypted at rest are
+decrypted into a private temporary directory just long enough for the engine to read them (`open_adapter`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class FineTunedModels:
                 log.warning("finetuned.poll_failed", error_type=type(exc).__name__)
 
     async def sync(self, *, preload: bool) -> list[str]:
-        """Register models added since the last call; returns their ids."""
+        """Register models added since the last call, drop those deleted elsewhere; returns the added ids."""
         added = []
         for record in await asyncio.to_thread(self.store.models.since, self._last_seq):
             self._last_seq = max(self._last_seq, record.seq)
@@ -97,6 +98,13 @@ class FineTunedModels:
                 continue
             if await asyncio.to_thread(self._register, record, preload and record.step is None):
                 added.append(record.id)
+        if self._known:
+            known = set(self._known)  # before reading the store: one registered meanwhile is not "gone"
+            stored = await asyncio.to_thread(self.store.models.ids)
+            for model_id in known - stored:  # deleted by another gateway sharing the data dir
+                self._known.discard(model_id)
+                self.registry.unregister(model_id)
+                log.info("finetuned.unregistered", model=model_id)
         return added
 
     def resolve(self, model_id: str) -> None:

@@ -72,6 +72,9 @@ class ModelsRepo:
             for r in self.db.query("SELECT * FROM models WHERE seq > ? ORDER BY seq", (seq,))
         ]
 
+    def ids(self) -> set[str]:
+        return {row["id"] for row in self.db.query("SELECT id FROM models")}
+
     def for_job(self, job_id: str) -> list[ModelRecord]:
         return [
             ModelRecord.from_row(r) for r in self.db.query("SELECT * FROM models WHERE job_id = ?", (job_id,))

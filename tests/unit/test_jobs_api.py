@@ -414,6 +414,22 @@ def test_deleting_a_fine_tuned_model_removes_it_for_good(tmp_path: Path) -> None
         assert model_id not in ids and ckpt in ids
 
 
+def test_a_model_deleted_by_another_gateway_stops_answering_here(api: Api) -> None:
+    data = Path(api.settings.data_dir)
+    model_id = f"ft:{BASE}:acme::other123"
+    _model_row(api, model_id, _adapter(data, "final"))
+    wait_for(lambda: api.engine.has_adapter(model_id), timeout=2)
+    api.store.models.delete(model_id)  # what DELETE /v1/models does on the other gateway
+    wait_for(lambda: not api.engine.has_adapter(model_id), timeout=2)
+    assert api.get(f"/v1/models/{model_id}").status_code == 404
+    chat = api.client.post(
+        "/v1/chat/completions",
+        headers=api.headers(),
+        json={"model": model_id, "messages": [{"role": "user", "content": "hi"}]},
+    )
+    assert chat.status_code == 404 and chat.json()["error"]["code"] == "model_not_found"
+
+
 class _ReadingEngine(FakeEngine):
     """Reads the adapter at load time, as the real engine does, to see what it was handed."""
 
