@@ -1,126 +1,48 @@
-"""The in-process engine: one scheduler thread owns the model and runs continuous batching.
+"""The in-process engine: the Engine protocol over a local transformers model directory.
 
-The async app calls `submit()`, which tokenizes, validates and queues the request and returns a stream.  The
-scheduler thread loops: take commands (new requests, aborts) -> admit waiting requests into free KV slots ->
-run one step (a decode token for every running sequence plus prompt chunks of newly admitted ones) -> sample
--> detokenize -> push deltas to each request's asyncio queue.  A request joins the running batch at the next
-step, and one that finishes or is aborted frees its slot at once; slots are kept dense by moving the last one
-into the hole.
+`start()` loads the model into a ModelRunner and starts the engine thread (scheduler.py), which owns it and
+runs continuous batching.  The async app calls `submit()`, which tokenizes and validates the request on the
+caller's side (so a bad request fails fast, before it queues), hands it to the thread and returns a stream of
+deltas; adapters are loaded here and handed to the thread by reference.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-import queue
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 import torch
 
-from gateway.engine.base import (
-    ChoiceDelta,
-    EngineStats,
-    FinishReason,
-    GenerationRequest,
-    TokenLogprob,
-)
+from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.lora import LoraAdapter
+from gateway.engine.precision import resolve_dtype, resolve_quantization
 from gateway.engine.quantized import Scheme
-from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch
-from gateway.engine.sampling import SequenceSampler, sample_batch
+from gateway.engine.runner import ModelRunner
+from gateway.engine.sampling import SequenceSampler
+from gateway.engine.scheduler import Group, Scheduler, Sequence
 from gateway.errors import (
     ContextLengthExceeded,
-    EngineFailure,
     EngineUnavailable,
-    GatewayError,
     InvalidRequest,
     NotFound,
     RateLimited,
 )
 
-__all__ = ["LocalEngine", "resolve_dtype", "resolve_quantization"]
+__all__ = ["LocalEngine"]
 
 log = structlog.get_logger(__name__)
 
 
-def resolve_dtype(name: str) -> torch.dtype:
-    """`auto` picks bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX),
-    since decoding is bound by the bytes of weights read per token; fp32 elsewhere."""
-    if name != "auto":
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if torch.cuda.is_available():
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.float32
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
-
-
-def resolve_quantization(name: str, dtype: torch.dtype, model_dir: Path) -> Scheme | None:
-    """`auto` quantizes the decode copy only as far as the GGUF the model came from already was (so it loses
-    nothing new), and only where the kernels are fast: bf16 on the CPU."""
-    if name == "none":
-        return None
-    if name != "auto":
-        if dtype != torch.bfloat16 or torch.cuda.is_available():
-            raise EngineFailure(f"engine.quantization = {name} needs models.dtype bfloat16 on the CPU")
-        return "int4" if name == "int4" else "int8"
-    if dtype != torch.bfloat16 or torch.cuda.is_available():
-        return None
-    from finetune.base_model import gguf_weight_bits
-
-    bits = gguf_weight_bits(model_dir)
-    if bits is None or bits > 8:
-        return None
-    return "int4" if bits <= 4 else "int8"
-
-
-@dataclass
-class _Sequence:
-    group: _Group
-    index: int
-    sampler: SequenceSampler
-    detok: IncrementalDetokenizer
-    stops: StopMatcher
-    slot: int = -1
-    length: int = 0  # tokens in the KV cache
-    next_token: int | None = None  # sampled, not yet fed to the model
-    generated: int = 0
-    done: bool = False
-
-
-@dataclass
-class _Group:
-    """One request: n sequences sharing a prompt, one asyncio queue back to the caller."""
-
-    request_id: str
-    prompt: list[int]
-    max_tokens: int
-    adapter: LoraAdapter | None
-    loop: asyncio.AbstractEventLoop
-    out: asyncio.Queue[list[ChoiceDelta] | BaseException]
-    sequences: list[_Sequence] = field(default_factory=list)
-    prefilled: int = 0  # prompt tokens already in the cache of the first sequence
-    aborted: bool = False
-
-    def send(self, item: list[ChoiceDelta] | BaseException) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, item)
-        except RuntimeError:  # the caller's loop is gone; nothing left to tell
-            self.aborted = True
-
-
 class _Stream:
-    def __init__(self, engine: LocalEngine, group: _Group) -> None:
+    def __init__(self, engine: LocalEngine, group: Group) -> None:
         self._engine = engine
         self._group = group
         self.prompt_tokens = len(group.prompt)
@@ -180,16 +102,9 @@ class LocalEngine:
         self.quantized_max_rows = quantized_max_rows
         self.quantization: Scheme | None = None
         self.tokenizer: Any = None
-        self._runner: ModelRunner | None = None
-        self._stop_ids: set[int] = set()
-        self._commands: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._scheduler: Scheduler | None = None
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._adapter_lock = threading.Lock()
-        self._waiting: deque[_Group] = deque()
-        self._running: list[_Sequence] = []  # index == slot
-        self._groups: dict[str, _Group] = {}
-        self._queued = 0
-        self._queued_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failed: BaseException | None = None
@@ -209,7 +124,7 @@ class LocalEngine:
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
         self.max_model_len = min(self.requested_model_len, int(context))
         self.quantization = resolve_quantization(self.quantization_setting, self.dtype, self.model_dir)
-        self._runner = ModelRunner(
+        runner = ModelRunner(
             model,
             max_slots=self.max_running,
             max_model_len=self.max_model_len,
@@ -218,8 +133,14 @@ class LocalEngine:
             quantized_max_rows=self.quantized_max_rows,
         )
         del model  # the runner keeps its own (fused, possibly bf16) copies of the weights
-        self._stop_ids = _stop_token_ids(self.tokenizer, self.model_dir)
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._scheduler = Scheduler(
+            runner,
+            self.tokenizer,
+            _stop_token_ids(self.tokenizer, self.model_dir),
+            max_running=self.max_running,
+            prefill_token_budget=self.prefill_token_budget,
+        )
+        self._thread = threading.Thread(target=self._scheduler.run, name="engine", daemon=True)
         self._thread.start()
         self._ready.set()
         log.info(
@@ -231,8 +152,8 @@ class LocalEngine:
         )
 
     def shutdown(self) -> None:
-        if self._thread is not None:
-            self._commands.put(("stop", None))
+        if self._thread is not None and self._scheduler is not None:
+            self._scheduler.stop()
             self._thread.join(timeout=10)
             self._thread = None
         self._ready.clear()
@@ -247,8 +168,8 @@ class LocalEngine:
 
     def stats(self) -> EngineStats:
         return EngineStats(
-            running=len(self._running),
-            queued=self._queued,
+            running=self._scheduler.running if self._scheduler else 0,
+            queued=self._scheduler.queued if self._scheduler else 0,
             adapters=len(self._adapters),
             max_running=self.max_running,
             max_queued=self.max_queued,
@@ -258,9 +179,10 @@ class LocalEngine:
 
     def add_adapter(self, name: str, path: Path) -> None:
         """Load a peft adapter; in-flight sequences keep the adapter objects they started with."""
-        if self._runner is None:
+        if self._scheduler is None:
             raise EngineUnavailable("the engine is not started")
-        adapter = LoraAdapter.load(name, path, num_layers=len(self._runner.layers), dtype=self.dtype)
+        layers = len(self._scheduler.runner.layers)
+        adapter = LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype)
         with self._adapter_lock:
             self._adapters[name] = adapter
             self._adapters.move_to_end(name)
@@ -326,19 +248,13 @@ class LocalEngine:
             )
         if request.n > self.max_running:
             raise InvalidRequest(f"n must be at most {self.max_running} on this server", param="n")
-        with self._queued_lock:
-            if self._queued >= self.max_queued:
-                raise RateLimited(
-                    "The engine queue is full; retry shortly", retry_after=1, code="engine_overloaded"
-                )
-            self._queued += 1
-        loop = asyncio.get_running_loop()
-        group = _Group(
+        assert self._scheduler is not None  # is_ready() said so
+        group = Group(
             request_id=f"{request.request_id}-{next(self._ids)}",
             prompt=prompt,
             max_tokens=max_tokens,
             adapter=adapter,
-            loop=loop,
+            loop=asyncio.get_running_loop(),
             out=asyncio.Queue(),
         )
         for index in range(request.n):
@@ -346,7 +262,7 @@ class LocalEngine:
             if params.seed is not None and index:
                 params = _with_seed(params, params.seed + index)
             group.sequences.append(
-                _Sequence(
+                Sequence(
                     group=group,
                     index=index,
                     sampler=SequenceSampler(params),
@@ -354,177 +270,15 @@ class LocalEngine:
                     stops=StopMatcher(params.stop),
                 )
             )
-        self._commands.put(("add", group))
+        if not self._scheduler.enqueue(group, max_queued=self.max_queued):
+            raise RateLimited(
+                "The engine queue is full; retry shortly", retry_after=1, code="engine_overloaded"
+            )
         return _Stream(self, group)
 
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
-
-    # -- the scheduler thread ----------------------------------------------------------------------------
-
-    def _loop(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            idle = not self._running and not self._waiting
-            try:
-                if not self._drain(block=idle):
-                    return
-                self._admit()
-                if self._running:
-                    self._step()
-            except Exception as exc:  # keep serving: fail what was in flight, reset, go on
-                log.error("engine.step_failed", error_type=type(exc).__name__)
-                self._fail_all(EngineFailure("the engine failed while generating; the request was aborted"))
-
-    def _drain(self, *, block: bool) -> bool:
-        while True:
-            try:
-                kind, payload = self._commands.get(block=block, timeout=None)
-            except queue.Empty:
-                return True
-            block = False
-            if kind == "stop":
-                self._fail_all(EngineUnavailable("the engine is shutting down"))
-                return False
-            if kind == "add":
-                self._waiting.append(payload)
-                self._groups[payload.request_id] = payload
-            elif kind == "abort":
-                group = self._groups.get(payload)
-                if group is not None:
-                    group.aborted = True
-                    self._finish_group(group)
-
-    def _admit(self) -> None:
-        while self._waiting:
-            group = self._waiting[0]
-            if not group.aborted and len(self._running) + len(group.sequences) > self.max_running:
-                return
-            self._waiting.popleft()
-            with self._queued_lock:
-                self._queued -= 1
-            if group.aborted:
-                continue
-            for seq in group.sequences:
-                seq.slot = len(self._running)
-                self._running.append(seq)
-
-    def _step(self) -> None:
-        assert self._runner is not None
-        batch = StepBatch()
-        decoding: list[_Sequence] = []
-        prefilling: list[_Group] = []
-        budget = self.prefill_token_budget
-        for seq in self._running:
-            if seq.next_token is not None:
-                decoding.append(seq)
-                batch.decode_slots.append(seq.slot)
-                batch.decode_tokens.append(seq.next_token)
-                batch.decode_positions.append(seq.length)
-                batch.decode_adapters.append(seq.group.adapter)
-                budget -= 1
-        for seq in self._running:
-            group = seq.group
-            if seq.index != 0 or group.prefilled >= len(group.prompt) or budget <= 0:
-                continue
-            chunk = group.prompt[group.prefilled : group.prefilled + budget]
-            last = group.prefilled + len(chunk) == len(group.prompt)
-            batch.prefills.append(
-                PrefillSegment(seq.slot, group.prefilled, chunk, group.adapter, wants_logits=last)
-            )
-            budget -= len(chunk)
-            prefilling.append(group)
-        logits = self._runner.step(batch)
-
-        rows: list[_Sequence] = list(decoding)
-        row_logits = [logits[: len(decoding)]]
-        cursor = len(decoding)
-        for seg, group in zip(batch.prefills, prefilling, strict=True):
-            group.prefilled += len(seg.token_ids)
-            first = group.sequences[0]
-            first.length = group.prefilled
-            if not seg.wants_logits:
-                continue
-            for sibling in group.sequences[1:]:  # n > 1: share the prompt's cache instead of recomputing it
-                self._runner.move_slot(first.slot, sibling.slot, first.length)
-                sibling.length = first.length
-            rows.extend(group.sequences)
-            row_logits.append(logits[cursor : cursor + 1].expand(len(group.sequences), -1))
-            cursor += 1
-        for seq in decoding:
-            seq.length += 1
-        if not rows:
-            return
-        result = sample_batch(torch.cat(row_logits), [s.sampler for s in rows])
-        deltas: dict[str, list[ChoiceDelta]] = {}
-        for row, seq in enumerate(rows):
-            delta = self._advance(seq, result.token_ids[row], result, row)
-            if delta is not None:
-                deltas.setdefault(seq.group.request_id, []).append(delta)
-        for request_id, items in deltas.items():
-            owner = self._groups.get(request_id)
-            if owner is not None:
-                owner.send(items)
-                if all(s.done for s in owner.sequences):
-                    self._finish_group(owner)
-
-    def _advance(self, seq: _Sequence, token: int, result: Any, row: int) -> ChoiceDelta | None:
-        seq.generated += 1
-        finish: FinishReason | None = None
-        if token in self._stop_ids and not seq.sampler.params.ignore_eos:
-            text, finish = seq.stops.flush(), "stop"
-        else:
-            text, hit = seq.stops.feed(seq.detok.push(token))
-            if hit:
-                finish = "stop"
-            elif seq.generated >= seq.group.max_tokens:
-                text, finish = text + seq.stops.flush(), "length"
-        logprobs = None
-        if seq.sampler.params.logprobs and result.logprobs is not None:
-            logprobs = [self._logprob(token, result.logprobs[row], result.top[row] if result.top else [])]
-        if finish is None:
-            seq.next_token = token
-        else:
-            seq.done = True
-            seq.next_token = None
-        if not text and finish is None and logprobs is None:
-            return None
-        return ChoiceDelta(index=seq.index, text=text, token_count=1, logprobs=logprobs, finish_reason=finish)
-
-    def _logprob(self, token: int, value: float, top: list[tuple[int, float]]) -> TokenLogprob:
-        def piece(t: int) -> tuple[str, list[int]]:
-            text = self.tokenizer.decode([t])
-            return text, list(text.encode("utf-8"))
-
-        text, raw = piece(token)
-        return TokenLogprob(text, value, raw, [(*piece(t), lp) for t, lp in top])
-
-    def _finish_group(self, group: _Group) -> None:
-        self._groups.pop(group.request_id, None)
-        for seq in group.sequences:
-            seq.done = True
-            if seq.slot >= 0:
-                self._release(seq)
-
-    def _release(self, seq: _Sequence) -> None:
-        """Free a slot, moving the last running sequence into it so slots stay dense."""
-        assert self._runner is not None
-        hole = seq.slot
-        seq.slot = -1
-        last = self._running.pop()
-        if last is not seq:
-            self._runner.move_slot(last.slot, hole, last.length)
-            last.slot = hole
-            self._running[hole] = last
-
-    def _fail_all(self, error: GatewayError) -> None:
-        for group in list(self._groups.values()):
-            group.send(error)
-            self._finish_group(group)
-        self._waiting.clear()
-        self._running.clear()
-        with self._queued_lock:
-            self._queued = 0
+        if self._scheduler is not None:
+            self._scheduler.abort(request_id)
 
 
 def _with_seed(params: Any, seed: int) -> Any:
