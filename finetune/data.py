@@ -1,10 +1,7 @@
 """Training data: validate an upload, read it as conversations, tokenize with the chat template, pack.
 
-Two input formats, detected per record, one per file:
-
-- chat (OpenAI fine-tuning JSONL): `{"messages": [{"role", "content", "weight"?}, ...]}`
-- alpaca (LLaMA-Factory): `{"instruction", "input"?, "output", "system"?, "history"?: [[user, reply], ...]}`
-  as JSONL or as one JSON array
+Two input formats (chat and alpaca, see finetune.formats), detected per record, one per file, as JSONL or
+as one JSON array.
 
 Both become a `Conversation`: a list of `Turn(role, text, trainable)`.  Tokens are labelled for the loss only
 on trainable assistant turns, their end-of-turn token included so the model learns to stop.  `pack` lays
@@ -24,9 +21,11 @@ import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple
+from typing import TYPE_CHECKING, Any
 
 from jinja2 import TemplateError
+
+from finetune.formats import Conversation, Format, InvalidRecord, Turn, parse_record
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -46,8 +45,6 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # label of a token the loss skips (the convention of torch's cross_entropy)
-ROLES = ("system", "user", "assistant", "developer", "tool")
-Format = Literal["chat", "alpaca"]
 
 _log = logging.getLogger(__name__)
 
@@ -61,15 +58,6 @@ class DataError(ValueError):
         self.record = record  # 1-based element of a JSON array; None for JSONL
         where = f"line {line}" if record is None else f"record {record} (line {line})"
         super().__init__(f"{where}: {reason}")
-
-
-class Turn(NamedTuple):
-    role: str  # system | user | assistant | tool ("developer" is read as "system")
-    text: str
-    trainable: bool  # an assistant turn the loss learns from
-
-
-Conversation = list[Turn]
 
 
 @dataclass(frozen=True)
@@ -101,17 +89,13 @@ def load_conversations(path: Path) -> list[Conversation]:
 # --- reading ------------------------------------------------------------------------------------------------
 
 
-class _Invalid(Exception):
-    """A record-level problem; _parse_file adds the line."""
-
-
 def _parse_file(path: Path) -> Iterator[tuple[int, int | None, Format, Conversation]]:
     """(line, record, format, conversation) per record; raises DataError at the first problem."""
     first: tuple[Format, int] | None = None
     for line, record, obj in _read_records(path):
         try:
-            fmt, conversation = _parse_record(obj)
-        except _Invalid as exc:
+            fmt, conversation = parse_record(obj)
+        except InvalidRecord as exc:
             raise DataError(line, str(exc), record=record) from None
         if first is None:
             first = (fmt, line)
@@ -187,95 +171,6 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
-
-
-def _parse_record(obj: Any) -> tuple[Format, Conversation]:
-    if not isinstance(obj, dict):
-        raise _Invalid("a record must be a JSON object")
-    if "messages" in obj:
-        return "chat", _parse_chat(obj["messages"])
-    if "instruction" in obj or "output" in obj:
-        return "alpaca", _parse_alpaca(obj)
-    raise _Invalid('expected "messages" (chat format) or "instruction" and "output" (Alpaca format)')
-
-
-def _parse_chat(messages: Any) -> Conversation:
-    if not isinstance(messages, list):
-        raise _Invalid('"messages" must be a list')
-    if not messages:
-        raise _Invalid('"messages" is empty')
-    turns: Conversation = []
-    for i, message in enumerate(messages):
-        field = f"messages[{i}]"
-        if not isinstance(message, dict):
-            raise _Invalid(f"{field} must be an object")
-        role = message.get("role")
-        if role not in ROLES:
-            raise _Invalid(f"{field}.role must be one of {', '.join(ROLES)}")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise _Invalid(f"{field} has tool calls, which fine-tuning does not support yet")
-        text = _content_text(message.get("content"), f"{field}.content")
-        weight = message.get("weight", 1)
-        if "weight" in message and role != "assistant":
-            raise _Invalid(f"{field}.weight is only allowed on assistant messages")
-        if type(weight) is not int or weight not in (0, 1):
-            raise _Invalid(f"{field}.weight must be 0 or 1")
-        trainable = role == "assistant" and weight == 1
-        if trainable and not text.strip():
-            raise _Invalid(f"{field}.content is empty; give the assistant a reply or set weight 0")
-        turns.append(Turn("system" if role == "developer" else role, text, trainable))
-    if not any(turn.trainable for turn in turns):
-        raise _Invalid("no assistant message to learn from (all are missing or have weight 0)")
-    return turns
-
-
-def _content_text(content: Any, field: str) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            if not (
-                isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            ):
-                raise _Invalid(f'{field}[{j}] must be a text part: {{"type": "text", "text": "..."}}')
-            texts.append(part["text"])
-        return "".join(texts)
-    if content is None:
-        raise _Invalid(f"{field} is missing")
-    raise _Invalid(f"{field} must be a string or a list of text parts")
-
-
-def _parse_alpaca(obj: dict[str, Any]) -> Conversation:
-    instruction = _string_field(obj, "instruction", required=True)
-    extra_input = _string_field(obj, "input", required=False)
-    output = _string_field(obj, "output", required=True)
-    system = _string_field(obj, "system", required=False)
-    prompt = "\n".join(part for part in (instruction, extra_input) if part)
-    if not prompt.strip():
-        raise _Invalid('"instruction" and "input" are both empty')
-    if not output.strip():
-        raise _Invalid('"output" is empty')
-    turns: Conversation = [Turn("system", system, False)] if system else []
-    history = obj.get("history")
-    if history is not None and not isinstance(history, list):
-        raise _Invalid('"history" must be a list of [user, assistant] pairs')
-    for i, pair in enumerate(history or []):
-        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(s, str) for s in pair)):
-            raise _Invalid(f"history[{i}] must be a [user, assistant] pair of strings")
-        turns += [Turn("user", pair[0], False), Turn("assistant", pair[1], bool(pair[1].strip()))]
-    return [*turns, Turn("user", prompt, False), Turn("assistant", output, True)]
-
-
-def _string_field(obj: dict[str, Any], name: str, *, required: bool) -> str:
-    value = obj.get(name)
-    if value is None:
-        if required:
-            raise _Invalid(f'missing "{name}"')
-        return ""
-    if not isinstance(value, str):
-        raise _Invalid(f'"{name}" must be a string')
-    return value
 
 
 # --- tokens -------------------------------------------------------------------------------------------------
