@@ -3,8 +3,8 @@
 Two input formats (chat and alpaca, see finetune.formats), detected per record, one per file, as JSONL or
 as one JSON array.
 
-Both become a `Conversation`: a list of `Turn(role, text, trainable)`.  Tokens are labelled for the loss only
-on trainable assistant turns, their end-of-turn token included so the model learns to stop.  `pack` lays
+Both become a `Conversation`: a list of `Turn(role, text, trainable)`.  `tokenize` (finetune.chat_template,
+re-exported here) labels tokens for the loss only on trainable assistant turns.  `pack` lays
 several examples end to end in one row with positions restarting for each: no compute is spent on padding,
 none on a prompt prefix the examples share (it is laid down once), and the trainer's attention keeps every
 example to itself.
@@ -16,19 +16,14 @@ This module does not import torch, so the gateway can validate uploads without i
 from __future__ import annotations
 
 import json
-import logging
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from jinja2 import TemplateError
-
+from finetune.chat_template import IGNORE_INDEX, Example, tokenize
 from finetune.formats import Conversation, Format, InvalidRecord, Turn, parse_record
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
 
 __all__ = [
     "IGNORE_INDEX",
@@ -43,10 +38,6 @@ __all__ = [
     "tokenize",
     "validate_file",
 ]
-
-IGNORE_INDEX = -100  # label of a token the loss skips (the convention of torch's cross_entropy)
-
-_log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -171,104 +162,6 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
-
-
-# --- tokens -------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Example:
-    """One tokenized conversation; labels[i] is input_ids[i] where the loss learns it, else IGNORE_INDEX."""
-
-    input_ids: list[int]
-    labels: list[int]
-
-    @property
-    def trainable_tokens(self) -> int:
-        # labels[0] can never be predicted: nothing comes before it.
-        return sum(label != IGNORE_INDEX for label in self.labels[1:])
-
-
-class _TemplateMismatch(Exception):
-    """The template refuses the conversation, or rendering it turn by turn is no prefix of the whole."""
-
-
-def tokenize(
-    conversations: Iterable[Conversation], tokenizer: PreTrainedTokenizerBase, max_seq_length: int
-) -> list[Example]:
-    """Tokenize with the tokenizer's chat template; truncate; drop examples left with nothing to learn."""
-    examples: list[Example] = []
-    empty = refused = 0
-    for conversation in conversations:
-        try:
-            example = _tokenize_one(conversation, tokenizer)
-        except _TemplateMismatch:
-            refused += 1
-            continue
-        example = Example(example.input_ids[:max_seq_length], example.labels[:max_seq_length])
-        if example.trainable_tokens == 0:
-            empty += 1
-            continue
-        examples.append(example)
-    if empty or refused:
-        _log.warning(
-            "dropped %d conversations with nothing to learn within max_seq_length=%d and %d that the chat "
-            "template refuses or renders inconsistently turn by turn",
-            empty,
-            max_seq_length,
-            refused,
-        )
-    return examples
-
-
-def _tokenize_one(conversation: Conversation, tokenizer: PreTrainedTokenizerBase) -> Example:
-    messages = [{"role": turn.role, "content": turn.text} for turn in conversation]
-    input_ids = _render(tokenizer, messages, generation_prompt=False)
-    labels = [IGNORE_INDEX] * len(input_ids)
-    for i, turn in enumerate(conversation):
-        # An opening assistant turn (a greeting) is context only: there is nothing before it to render.
-        if not turn.trainable or i == 0:
-            continue
-        # The reply is what rendering through this turn adds to rendering up to its generation prompt.
-        start = _prefix_length(input_ids, _render(tokenizer, messages[:i], generation_prompt=True))
-        end = _prefix_length(input_ids, _render(tokenizer, messages[: i + 1], generation_prompt=False))
-        end = _without_trailing_space(tokenizer, input_ids, start, end)
-        labels[start:end] = input_ids[start:end]
-    labels[0] = IGNORE_INDEX
-    return Example(input_ids, labels)
-
-
-def _render(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], *, generation_prompt: bool
-) -> list[int]:
-    if not messages and not generation_prompt:
-        return []
-    try:
-        text = tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=generation_prompt
-        )
-    except TemplateError:  # a template may refuse a role or an order (e.g. "roles must alternate")
-        raise _TemplateMismatch from None
-    assert isinstance(text, str)
-    # The template writes any BOS itself; letting the tokenizer add another would double it.
-    ids: list[int] = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids
-
-
-def _prefix_length(full: Sequence[int], prefix: Sequence[int]) -> int:
-    if list(full[: len(prefix)]) != list(prefix):
-        raise _TemplateMismatch
-    return len(prefix)
-
-
-def _without_trailing_space(
-    tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], start: int, end: int
-) -> int:
-    """Leave the newline a template writes after the end-of-turn token out of the loss: it is formatting."""
-    special = set(tokenizer.all_special_ids)
-    while end > start and ids[end - 1] not in special and not str(tokenizer.decode([ids[end - 1]])).strip():
-        end -= 1
-    return end
 
 
 # --- packing ------------------------------------------------------------------------------------------------
