@@ -1,27 +1,25 @@
-"""Training data: validate an upload, read it as conversations, tokenize with the chat template, pack.
+"""Training data files: validate an upload and read it as conversations, naming the line of any problem.
 
-Two input formats (chat and alpaca, see finetune.formats), detected per record, one per file, as JSONL or
-as one JSON array.
-
-Both become a `Conversation`: a list of `Turn(role, text, trainable)`.  `tokenize` (finetune.chat_template,
-re-exported here) labels tokens for the loss only on trainable assistant turns.  `pack` lays
-several examples end to end in one row with positions restarting for each: no compute is spent on padding,
-none on a prompt prefix the examples share (it is laid down once), and the trainer's attention keeps every
-example to itself.
+A file holds records in one of two formats (chat or alpaca, finetune.formats), detected per record, one
+format per file, as JSONL (streamed) or as one JSON array.  Each becomes a `Conversation` of `Turn`s.
 
 Errors never quote the data: a message names the line, the field and the problem, since callers may log it.
 This module does not import torch, so the gateway can validate uploads without it.
+
+The rest of the pipeline lives beside it and is re-exported here, the one import its callers need:
+`tokenize` (finetune.chat_template: chat template, assistant-only loss labels) and `pack`
+(finetune.batches: padding-free rows with a shared prompt prefix laid once).
 """
 
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.batches import Batch, pack
 from finetune.chat_template import IGNORE_INDEX, Example, tokenize
 from finetune.formats import Conversation, Format, InvalidRecord, Turn, parse_record
 
@@ -162,97 +160,3 @@ def _skip_space(text: str, pos: int) -> int:
 
 def _line_at(text: str, pos: int) -> int:
     return text.count("\n", 0, pos) + 1
-
-
-# --- packing ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Batch:
-    """Examples laid end to end in one row: no padding, positions restarting for each example.
-
-    Two cuts save compute without changing the loss or its gradients.  Each example stops at the input that
-    predicts its last learned token: later tokens cannot reach the loss through causal attention.  And when
-    the examples open with the same prompt tokens (a system prompt, an Alpaca instruction), that prefix is
-    laid down once as segment 0 (`shared_prefix` tokens) and every example continues from it; the trainer's
-    attention lets each example see the prefix and itself, and nothing else.
-    """
-
-    input_ids: list[int]
-    targets: list[int]  # the token each position must predict (the next one), or IGNORE_INDEX
-    position_ids: list[int]
-    boundaries: list[int]  # segment k spans [boundaries[k], boundaries[k + 1])
-    shared_prefix: int  # length of segment 0 when it is a prefix the other segments share, else 0
-    example_tokens: int  # the examples' own lengths summed: the tokens this batch trains on
-
-    @property
-    def examples(self) -> int:
-        return len(self.boundaries) - 1 - (self.shared_prefix > 0)
-
-    @property
-    def tokens(self) -> int:
-        """Tokens the model computes on: example_tokens less the shared prefix repeats and cut tails."""
-        return len(self.input_ids)
-
-    @property
-    def trainable_tokens(self) -> int:
-        return sum(target != IGNORE_INDEX for target in self.targets)
-
-
-def pack(
-    examples: Sequence[Example],
-    max_tokens_per_batch: int,
-    seed: int,
-    *,
-    max_examples_per_batch: int | None = None,
-    share_prefix: bool = True,
-) -> list[Batch]:
-    """Shuffle with `seed`, then fill batches in that order up to the token and example limits.
-
-    Examples without a learned token (tokenize never returns any) are skipped: they add nothing to the loss.
-    """
-    examples = [example for example in examples if example.trainable_tokens]
-    longest = max((len(example.input_ids) for example in examples), default=0)
-    if longest > max_tokens_per_batch:
-        raise ValueError(
-            f"max_tokens_per_batch={max_tokens_per_batch} is below the longest example ({longest})"
-        )
-    order = list(range(len(examples)))
-    random.Random(seed).shuffle(order)  # noqa: S311 - a reproducible data order, not a secret
-    groups: list[list[Example]] = []
-    tokens = 0
-    for index in order:
-        example = examples[index]
-        full = groups and max_examples_per_batch is not None and len(groups[-1]) >= max_examples_per_batch
-        if not groups or full or tokens + len(example.input_ids) > max_tokens_per_batch:
-            groups.append([])
-            tokens = 0
-        groups[-1].append(example)
-        tokens += len(example.input_ids)
-    return [_concatenate(group, share_prefix=share_prefix) for group in groups]
-
-
-def _concatenate(group: list[Example], *, share_prefix: bool) -> Batch:
-    learned = [[t for t, label in enumerate(e.labels) if t and label != IGNORE_INDEX] for e in group]
-    # Position t predicts label t + 1: the prefix may run up to just before the first learned label.
-    prefix = _common_prefix([e.input_ids for e in group]) if share_prefix and len(group) > 1 else 0
-    prefix = min([prefix, *(positions[0] - 1 for positions in learned)])
-    input_ids, targets = group[0].input_ids[:prefix], [IGNORE_INDEX] * prefix
-    position_ids, boundaries = list(range(prefix)), [0, prefix] if prefix else [0]
-    for example, positions in zip(group, learned, strict=True):
-        end = positions[-1]  # the input at end - 1 predicts the last learned token; later ones feed nothing
-        input_ids += example.input_ids[prefix:end]
-        targets += example.labels[prefix + 1 : end + 1]
-        position_ids += range(prefix, end)
-        boundaries.append(len(input_ids))
-    example_tokens = sum(len(example.input_ids) for example in group)
-    return Batch(input_ids, targets, position_ids, boundaries, prefix, example_tokens)
-
-
-def _common_prefix(sequences: list[list[int]]) -> int:
-    length = 0
-    for column in zip(*sequences, strict=False):
-        if any(token != column[0] for token in column):
-            break
-        length += 1
-    return length
