@@ -13,8 +13,8 @@ Design
 - Limits, stated plainly: the key lives on the same machine, so whoever holds it can rewrite history, and
   someone who can replace both files with an older copy of both (a rollback) is not caught locally.  Ship
   the head (or the log) to write-once storage or a remote syslog to close that.
-- Content never enters: records are filtered through an allow-list of keys and scalar types; anything else
-  (a prompt, a file body, a token) is dropped before it reaches the file, and the drop is logged by name.
+- Content never enters: records are filtered through an allow-list of keys and scalar types (records.py);
+  anything else (a prompt, a file body, a token) is dropped before it reaches the file.
 - Thread-safe with one lock and group commit: `append` returns once its record is durable, and appends
   that arrive during an fsync share the next one (throughput grows with load instead of queueing behind
   one fsync each).  It blocks on fsync, so async callers run it in a worker thread.
@@ -32,7 +32,6 @@ import os
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -50,6 +49,7 @@ from gateway.audit.chain import (
     record_mac,
     write_head,
 )
+from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
 from gateway.audit.verify import format_result, verify_chain
 from gateway.private_files import ensure_private_dir
 from gateway.settings import Settings
@@ -68,25 +68,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# The only keys a record may hold, with their types.  Never add one that can carry content.
-RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
-    "time": str,
-    "request_id": str,
-    "subject": str,
-    "tenant": str,
-    "client": str,
-    "method": str,
-    "route": str,
-    "action": str,
-    "resource_id": str,
-    "status": int,
-    "outcome": str,
-    "duration_ms": (int, float),
-    "prompt_tokens": int,
-    "completion_tokens": int,
-}
-OUTCOMES = frozenset({"allowed", "denied", "error"})
-MAX_TEXT_CHARS = 256
 MIN_KEY_BYTES = 16
 MAX_PAGE = 1000
 MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
@@ -98,33 +79,6 @@ class AuditLogBusy(RuntimeError):
 
 class AuditChainBroken(RuntimeError):
     """The existing log does not verify at its end; the gateway will not extend it."""
-
-
-def _now_rfc3339() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def sanitize_record(record: Mapping[str, Any]) -> dict[str, Any]:
-    """Keep allow-listed keys with scalar values of the right type; drop (and name) everything else."""
-    clean: dict[str, Any] = {}
-    dropped: list[str] = []
-    for name, value in record.items():
-        kind = RECORD_FIELDS.get(name)
-        if kind is None or isinstance(value, bool) or not (value is None or isinstance(value, kind)):
-            dropped.append(str(name)[:40])
-            continue
-        if name == "outcome" and value not in OUTCOMES:
-            dropped.append(name)
-            continue
-        if isinstance(value, str):
-            value = value[:MAX_TEXT_CHARS]
-        elif isinstance(value, float):
-            value = round(value, 3) if value == value and abs(value) != float("inf") else None
-        clean[name] = value
-    if dropped:
-        log.warning("audit.fields_dropped", fields=sorted(dropped))
-    clean.setdefault("time", _now_rfc3339())
-    return clean
 
 
 def _last_complete_line(fd: int, size: int, block: int = 65536) -> tuple[bytes | None, int]:
