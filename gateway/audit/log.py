@@ -34,7 +34,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO
+from typing import Any
 
 import structlog
 
@@ -49,12 +49,14 @@ from gateway.audit.chain import (
     record_mac,
     write_head,
 )
+from gateway.audit.pages import MAX_PAGE, AuditPage, read_audit_page
 from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
 from gateway.audit.verify import format_result, verify_chain
 from gateway.private_files import ensure_private_dir
 from gateway.settings import Settings
 
 __all__ = [
+    "MAX_PAGE",
     "OUTCOMES",
     "RECORD_FIELDS",
     "AuditChainBroken",
@@ -69,7 +71,6 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 MIN_KEY_BYTES = 16
-MAX_PAGE = 1000
 MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
 
 
@@ -110,47 +111,6 @@ def _verified_record(line: bytes, key: bytes) -> dict[str, Any] | None:
     if not isinstance(mac, str) or not isinstance(prev, str):
         return None
     return record if hmac.compare_digest(mac, record_mac(key, record)) else None
-
-
-def _line_seq(raw: bytes) -> int | None:
-    try:
-        seq = json.loads(raw).get("seq") if raw.endswith(b"\n") else None
-    except (ValueError, AttributeError):
-        return None
-    return seq if isinstance(seq, int) else None
-
-
-def _first_line_after(fh: BinaryIO, size: int, after_seq: int) -> int:
-    """An offset at or before the first line whose seq > after_seq, found by bisection.
-
-    Invariants: `lo` is a line start and every line before it has seq <= after_seq; every line starting
-    at or after `hi` has seq > after_seq.  Anything unexpected stops the search early; the caller reads
-    forward from `lo` and skips, so the answer is only ever less sharp, never wrong.
-    """
-    lo, hi = 0, size
-    while hi - lo > 8192:
-        mid = (lo + hi) // 2
-        fh.seek(mid - 1)
-        fh.readline()  # to the first line start at or after mid
-        start = fh.tell()
-        if start >= hi:
-            break
-        raw = fh.readline()
-        seq = _line_seq(raw)
-        if seq is None:
-            break
-        if seq <= after_seq:
-            lo = start + len(raw)
-        else:
-            hi = start
-    return lo
-
-
-@dataclass(frozen=True)
-class AuditPage:
-    records: list[dict[str, Any]]
-    has_more: bool
-    last_seq: int  # of the last record in `records`; the `after_seq` asked for when it is empty
 
 
 @dataclass
@@ -298,29 +258,8 @@ class AuditLog:
         return self.page(after_seq, limit, tenant).records
 
     def page(self, after_seq: int = 0, limit: int = 100, tenant: str | None = None) -> AuditPage:
-        """Like read_page, plus whether more (matching) records follow.  Blocking file I/O.
-
-        Seeks to `after_seq` by bisecting the file (line N holds seq N, so seq order is file order), then
-        reads forward: a page costs O(log size + page) unless a tenant filter has to skip other tenants.
-        """
-        limit = max(1, min(limit, MAX_PAGE))
-        records: list[dict[str, Any]] = []
-        has_more = False
-        with open(self.path, "rb") as fh:
-            fh.seek(_first_line_after(fh, os.fstat(fh.fileno()).st_size, after_seq))
-            for raw in fh:
-                if not raw.endswith(b"\n"):
-                    break  # an append in progress
-                record = json.loads(raw)
-                if record.get("seq", 0) <= after_seq or (
-                    tenant is not None and record.get("tenant") != tenant
-                ):
-                    continue
-                if len(records) >= limit:
-                    has_more = True
-                    break
-                records.append(record)
-        return AuditPage(records, has_more, records[-1]["seq"] if records else after_seq)
+        """Like read_page, plus whether more (matching) records follow.  Blocking file I/O (pages.py)."""
+        return read_audit_page(self.path, after_seq, limit, tenant)
 
     def close(self) -> None:
         with self._cond:

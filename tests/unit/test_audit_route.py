@@ -12,7 +12,8 @@ import pytest
 from litestar.testing import TestClient
 
 from gateway.app import create_app
-from gateway.audit.log import AuditLog, _first_line_after
+from gateway.audit.log import AuditLog
+from gateway.audit.pages import _first_line_after
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.settings import LimitSettings, Settings
