@@ -1,4 +1,4 @@
-"""The audit chain's primitives, shared by the writer (log.py) and the checker (verify.py).
+"""The audit chain's primitives, shared by the writer (log.py, recovery.py) and the checker (verify.py).
 
 A record's `mac` is HMAC-SHA256(key, canonical JSON of the record without `mac`); it covers `seq` and `prev`
 (the previous record's mac; GENESIS for the first), so editing, removing or reordering lines breaks it.

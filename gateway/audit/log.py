@@ -1,15 +1,20 @@
-"""The append-only, HMAC-chained audit log (JSON Lines), one record per API request.
+"""The append-only, HMAC-chained audit log (JSON Lines), one record per API request: the writer.
+
+This module owns the open file: the writer lock, chaining each record, group commit with fsync, and the
+head update.  Beside it: records.py (what a record may hold), chain.py (mac and head primitives),
+recovery.py (opening an existing log), pages.py (reading it back), verify.py (the full check).
 
 Design
-- Each line is one record: the allowed fields below plus `seq` (1, 2, ...), `prev` (the previous record's
-  mac) and `mac` = HMAC-SHA256(key, canonical JSON of the record without mac).  Editing a field, deleting,
-  duplicating or reordering lines breaks a mac, a seq or a prev link (see chain.py, verify.py).
+- Each line is one record: the allowed fields (records.py) plus `seq` (1, 2, ...), `prev` (the previous
+  record's mac) and `mac` = HMAC-SHA256(key, canonical JSON of the record without mac).  Editing a field,
+  deleting, duplicating or reordering lines breaks a mac, a seq or a prev link (see chain.py, verify.py).
 - Cutting lines off the end leaves a valid chain, so the end is anchored outside the log: `<log>.head` holds
   the last seq and mac under its own HMAC, replaced atomically after every append.  A log shorter than its
   head was truncated.  Order on disk: line written + fsync, then head written + fsync + rename; a crash in
   between leaves the head one record behind, which is recognised (that record's prev is the head's mac) and
   repaired on open.  A crash mid-line leaves a torn last line: it was never acknowledged, so it is cut off
-  on open, but only after the complete lines agree with the head (cutting a committed line still shows).
+  on open, but only after the complete lines agree with the head (cutting a committed line still shows;
+  recovery.py).
 - Limits, stated plainly: the key lives on the same machine, so whoever holds it can rewrite history, and
   someone who can replace both files with an older copy of both (a rollback) is not caught locally.  Ship
   the head (or the log) to write-once storage or a remote syslog to close that.
@@ -26,8 +31,6 @@ Design
 from __future__ import annotations
 
 import fcntl
-import hmac
-import json
 import os
 import threading
 from collections.abc import Mapping
@@ -38,20 +41,10 @@ from typing import Any
 
 import structlog
 
-from gateway.audit.chain import (
-    GENESIS,
-    Head,
-    HeadInvalid,
-    canonical_json,
-    head_path_for,
-    head_problem,
-    read_head,
-    record_mac,
-    write_head,
-)
+from gateway.audit.chain import Head, canonical_json, head_path_for, record_mac, write_head
 from gateway.audit.pages import MAX_PAGE, AuditPage, read_audit_page
 from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
-from gateway.audit.verify import format_result, verify_chain
+from gateway.audit.recovery import AuditChainBroken, recover
 from gateway.private_files import ensure_private_dir
 from gateway.settings import Settings
 
@@ -71,46 +64,10 @@ __all__ = [
 log = structlog.get_logger(__name__)
 
 MIN_KEY_BYTES = 16
-MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
 
 
 class AuditLogBusy(RuntimeError):
     """Another open AuditLog (this process or another) holds the writer lock."""
-
-
-class AuditChainBroken(RuntimeError):
-    """The existing log does not verify at its end; the gateway will not extend it."""
-
-
-def _last_complete_line(fd: int, size: int, block: int = 65536) -> tuple[bytes | None, int]:
-    """(the last newline-terminated line without its newline, or None; the offset just past it)."""
-    start = size
-    while start > 0 and size - start < MAX_TAIL_SCAN:
-        start = max(0, start - block)
-        buf = os.pread(fd, size - start, start)
-        end = buf.rfind(b"\n")
-        if end < 0:
-            continue
-        begin = buf.rfind(b"\n", 0, end) + 1
-        if begin > 0 or start == 0:
-            return buf[begin:end], start + end + 1
-    if start > 0:
-        raise AuditChainBroken("the audit log ends in an over-long line")
-    return None, 0
-
-
-def _verified_record(line: bytes, key: bytes) -> dict[str, Any] | None:
-    """The record on `line` if it parses and its mac verifies, else None."""
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    if not isinstance(record, dict) or not isinstance(record.get("seq"), int):
-        return None
-    mac, prev = record.get("mac"), record.get("prev")
-    if not isinstance(mac, str) or not isinstance(prev, str):
-        return None
-    return record if hmac.compare_digest(mac, record_mac(key, record)) else None
 
 
 @dataclass
@@ -142,7 +99,7 @@ class AuditLog:
                 fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 raise AuditLogBusy(f"{self.path} is already open for writing by another process") from None
-            self._seq, self._last_mac, self._size = self._recover()
+            self._seq, self._last_mac, self._size = recover(self._fd, self.path, self.head_path, self._key)
         except BaseException:
             os.close(self._fd)
             raise
@@ -153,32 +110,6 @@ class AuditLog:
     @property
     def last_seq(self) -> int:
         return self._seq
-
-    def _recover(self) -> tuple[int, str, int]:
-        try:
-            head = read_head(self.head_path, self._key)
-        except HeadInvalid as exc:
-            raise AuditChainBroken(f"{self.head_path}: {exc}") from None
-        size = os.fstat(self._fd).st_size
-        line, complete_end = _last_complete_line(self._fd, size)
-        last = _verified_record(line, self._key) if line is not None else None
-        last_seq, last_mac = (last["seq"], last["mac"]) if last else (0, GENESIS)
-        known = {last_seq: last_mac, last_seq - 1: last["prev"]} if last else {}
-        if (line is not None and last is None) or head_problem(
-            head, last_seq, known.get(head.seq) if head else None
-        ):
-            # The quick look at the end failed (or could not decide): walk the whole chain for the verdict.
-            result = verify_chain(self.path, self._key, head_path=self.head_path)
-            if not result.ok:
-                raise AuditChainBroken(f"{self.path}: {format_result(result)}")
-        if complete_end < size:
-            # A torn line from a crash mid-write; it was never acknowledged to anyone.
-            log.warning("audit.torn_tail_removed", bytes=size - complete_end)
-            os.ftruncate(self._fd, complete_end)
-            os.fsync(self._fd)
-        if last_seq:
-            write_head(self.head_path, self._key, Head(last_seq, last_mac))
-        return last_seq, last_mac, complete_end
 
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Sanitise, chain and durably write one record; returns it as written (with seq, prev, mac).
