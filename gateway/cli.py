@@ -4,6 +4,7 @@ gateway serve              run the HTTPS gateway (and a fine-tuning worker unles
 gateway prepare            convert the configured GGUF base models once and create dev keys
 gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
 gateway keys               create a signing key pair (ed25519 | rsa | ec)
+gateway keys rotate-master re-encrypt every encrypted file under a new master key (service stopped)
 gateway chat               interactive chat with a running gateway (streams; /help inside)
 gateway audit verify       check the audit log's hash chain; names the first bad line
 gateway config-reference   print every setting with its default and help (Markdown)
@@ -12,8 +13,12 @@ gateway config-reference   print every setting with its default and help (Markdo
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from gateway.audit.log import AuditChainBroken, AuditLogBusy
@@ -135,6 +140,80 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _service_stopped(settings: Settings) -> Iterator[None]:
+    """Refuse while a gateway or worker on this host uses the data dir; hold the gateway off until done.
+
+    The gateway holds an flock on its audit log and each worker one on its slot file (workers/*.lock) for as
+    long as it runs; taking them shows that none runs.  The audit log's lock is kept for the block, so a
+    gateway started meanwhile fails at start-up instead of sealing files under the key being retired.
+    """
+    audit = Path(settings.audit.path)
+    audit = audit if audit.is_absolute() else settings.data_path / audit
+    held: list[int] = []
+    try:
+        for path in [audit, *sorted((settings.data_path / "workers").glob("*.lock"))]:
+            if not path.is_file():
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            held.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                who = "the gateway" if path == audit else "a fine-tuning worker"
+                raise ValueError(f"{who} is running ({path} is locked): stop the service first") from None
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
+
+
+def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
+    from gateway.encryption import read_key_file, rotate_master_key
+
+    settings = _settings(args)
+    if not settings.privacy.encrypt_at_rest:
+        raise ValueError("privacy.encrypt_at_rest is off: there is no master key to rotate")
+    owner = settings.data_path.stat().st_uid
+    if owner != os.geteuid():
+        raise ValueError(
+            f"run this as the data dir's owner (uid {owner}, e.g. sudo -u privacy-gateway): files rewritten "
+            "by another user would be unreadable to the service"
+        )
+    new_key = read_key_file(Path(args.new_key_file)) if args.new_key_file else None
+    try:
+        with _service_stopped(settings):
+            done = rotate_master_key(settings, new_key=new_key, keep_old=args.keep_old)
+    except PermissionError as exc:
+        raise ValueError(
+            f"cannot read or replace {exc.filename}: run this as the service user, who must own the data dir"
+        ) from None
+    report, env = done.report, settings.privacy.master_key_env
+    print(
+        f"{'finished the interrupted' if done.resumed else 'master key'} rotation: new key id {report.key_id}"
+    )
+    print(f"  {report.rewritten} files re-encrypted, {report.skipped} already under the new key (skipped)")
+    for path in report.unknown:
+        print(f"  left alone, sealed under a key this run does not hold: {path}", file=sys.stderr)
+    for path in report.failed:
+        print(f"  did not verify (tampered or cut), left as it was: {path}", file=sys.stderr)
+    if report.failed:
+        old = f"leave {env} as it is" if done.from_env else f"the old key stays in {done.retired_key}"
+        print(
+            f"{old}: move the files named above out of the data dir (or restore them from a backup), then run"
+            " the command again to finish",
+            file=sys.stderr,
+        )
+        return 1
+    if done.from_env:
+        print(f"  now set {env} to `base64 -w0 {args.new_key_file}` before starting the service again")
+    elif done.retired_key is not None:
+        print(f"  the old key is kept in {done.retired_key}: move it offline, with backups made before now")
+    else:
+        print("  the old key file was removed")
+    return 0
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.log import read_key
     from gateway.audit.verify import format_result, verify_chain
@@ -181,11 +260,26 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 1h, 7d")
     token.set_defaults(func=cmd_token)
 
-    keys = sub.add_parser("keys", help="create a signing key pair")
+    keys = sub.add_parser("keys", help="create a signing key pair; rotate the master key")
     keys.add_argument("--kind", choices=["ed25519", "rsa", "ec"], default="ed25519")
     keys.add_argument("--out", default=".")
     keys.add_argument("--name", default="jwt")
     keys.set_defaults(func=cmd_keys)
+    keys_sub = keys.add_subparsers(dest="keys_command")  # none given: the signing key pair, as before
+    rotate = keys_sub.add_parser(
+        "rotate-master", help="re-encrypt every encrypted file under a new master key (service stopped)"
+    )
+    rotate.add_argument(
+        "--new-key-file",
+        help="the new key (32 bytes or base64) instead of a random one; required when the "
+        "master key is in the environment",
+    )
+    rotate.add_argument(
+        "--keep-old",
+        action="store_true",
+        help="keep the old key as <key file>.retired-<id> instead of removing it",
+    )
+    rotate.set_defaults(func=cmd_keys_rotate_master)
 
     from gateway.chat_cli import add_arguments as add_chat_arguments
 

@@ -1,10 +1,14 @@
-"""Master key rotation: the keyring, re-encryption, crash and rerun."""
+"""Master key rotation: the keyring, re-encryption, crash and rerun, and `gateway keys rotate-master`."""
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import os
 import stat
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
 from gateway import encryption
+from gateway.cli import main
 from gateway.encryption import (
     Cipher,
     FileCipher,
@@ -25,6 +30,7 @@ from gateway.encryption import (
 from gateway.settings import PrivacySettings, Settings
 
 HEADER = 67
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _read(cipher: Cipher, path: Path) -> bytes:
@@ -281,3 +287,130 @@ def test_files_under_an_unknown_key_are_left_alone(settings: Settings, files: di
     done = rotate_master_key(settings)
     assert done.report.unknown == [Path("files/file-x")] and done.report.rewritten == 6
     assert stranger.read_bytes() == before
+
+
+# ── the command ─────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    values = {"GATEWAY_DATA_DIR": settings.data_dir, "GATEWAY_PRIVACY__ENCRYPT_AT_REST": "true"}
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("GATEWAY_CONFIG", raising=False)
+    return values
+
+
+def test_cli_end_to_end(settings: Settings, files: dict[Path, bytes], env: dict[str, str]) -> None:
+    old = master_key_path(settings).read_bytes()
+    run = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "keys", "rotate-master"],
+        cwd=REPO,
+        env={**os.environ, **env},
+        capture_output=True,
+        check=False,
+    )
+    assert run.returncode == 0, run.stderr
+    new = master_key_path(settings).read_bytes()
+    out = run.stdout.decode()
+    assert f"new key id {FileCipher(new).key_id}" in out
+    assert "6 files re-encrypted, 0 already under the new key" in out
+    for secret in (old, new, *files.values()):  # no key material, no content, in any form
+        for form in (secret, secret.hex().encode(), base64.b64encode(secret)):
+            assert len(form) < 8 or form not in run.stdout + run.stderr
+    assert all(_read(FileCipher(new), path) == plain for path, plain in files.items())
+    assert not retiring_key_path(settings).exists()
+
+
+def test_cli_rerun_after_an_interruption(
+    settings: Settings, files: dict[Path, bytes], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    old = master_key_path(settings).read_bytes()
+    new = os.urandom(32)
+    retiring_key_path(settings).write_bytes(old)
+    master_key_path(settings).write_bytes(new)
+    FileCipher(new, previous=[old]).reencrypt(next(iter(files)))  # one file done before the "crash"
+    assert main(["keys", "rotate-master"]) == 0
+    out = capsys.readouterr().out
+    assert "finished the interrupted rotation" in out and "5 files re-encrypted, 1 already" in out
+    assert all(_read(FileCipher(new), path) == plain for path, plain in files.items())
+
+
+def test_cli_reports_a_tampered_file_and_keeps_the_old_key(
+    settings: Settings, files: dict[Path, bytes], env: dict[str, str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = settings.data_path / "files" / "file-0"
+    bad.write_bytes(bad.read_bytes()[:-1])
+    assert main(["keys", "rotate-master"]) == 1
+    err = capsys.readouterr().err
+    assert "files/file-0" in err and str(retiring_key_path(settings)) in err
+    assert retiring_key_path(settings).is_file()
+
+
+def test_cli_with_the_key_in_the_environment(
+    settings: Settings,
+    files: dict[Path, bytes],
+    env: dict[str, str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    env_key = os.urandom(32)
+    for path, plain in files.items():  # this install seals under the env key
+        FileCipher(env_key).encrypt_stream([plain], path)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(env_key).decode())
+    on_disk = master_key_path(settings).read_bytes()
+
+    assert main(["keys", "rotate-master"]) == 2
+    err = capsys.readouterr().err
+    assert "GATEWAY_MASTER_KEY" in err and "--new-key-file" in err
+    assert all(_key_id_in(path) == FileCipher(env_key).key_id for path in files)  # nothing touched
+
+    new = os.urandom(32)
+    (tmp_path / "new.key").write_bytes(base64.b64encode(new) + b"\n")
+    assert main(["keys", "rotate-master", "--new-key-file", str(tmp_path / "new.key")]) == 0
+    out = capsys.readouterr().out
+    assert "6 files re-encrypted" in out and "set GATEWAY_MASTER_KEY" in out
+    assert master_key_path(settings).read_bytes() == on_disk  # no key file written or changed
+    assert not retiring_key_path(settings).exists()
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(new).decode())  # the operator's last step
+    cipher = cipher_from_settings(settings)
+    assert all(_read(cipher, path) == plain for path, plain in files.items())
+
+
+@pytest.mark.parametrize(
+    ("held", "who"), [("audit/audit.jsonl", "the gateway"), ("workers/host-0.lock", "a fine-tuning worker")]
+)
+def test_cli_refuses_while_the_service_runs(
+    settings: Settings,
+    files: dict[Path, bytes],
+    env: dict[str, str],
+    capsys: pytest.CaptureFixture[str],
+    held: str,
+    who: str,
+) -> None:
+    path = settings.data_path / held
+    path.parent.mkdir(parents=True, exist_ok=True)
+    key = master_key_path(settings).read_bytes()
+    with open(path, "a") as fh:  # a running gateway holds this lock for its life
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert main(["keys", "rotate-master"]) == 2
+    assert f"{who} is running" in capsys.readouterr().err
+    assert master_key_path(settings).read_bytes() == key and not retiring_key_path(settings).exists()
+    assert main(["keys", "rotate-master"]) == 0  # stopped: the lock is free
+
+
+def test_cli_refuses_when_encryption_is_off(
+    settings: Settings,
+    env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setenv("GATEWAY_PRIVACY__ENCRYPT_AT_REST", "false")
+    assert main(["keys", "rotate-master"]) == 2
+    assert "encrypt_at_rest is off" in capsys.readouterr().err
+
+
+def test_keys_without_a_subcommand_still_makes_a_signing_pair(tmp_path: Path) -> None:
+    assert main(["keys", "--out", str(tmp_path), "--name", "t"]) == 0
+    assert (tmp_path / "t-private.pem").is_file() and (tmp_path / "t-public.pem").is_file()
