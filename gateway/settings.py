@@ -106,6 +106,7 @@ class EngineSettings:
 class LimitSettings:
     max_tokens_cap: int = _f(4096, "Largest max_tokens a request may ask for; more -> 400.")
     max_n: int = _f(8, "Largest n (choices per request).")
+    max_prompts: int = _f(32, "Largest list of prompts in one legacy /v1/completions request.")
     requests_per_minute: int = _f(600, "Per-subject request rate; past it -> 429 with Retry-After.")
     tenant_concurrency: int = _f(32, "Requests one tenant may have in flight at once; past it -> 429.")
     max_upload_bytes: int = _f(64 * 1024 * 1024, "Largest uploaded file; larger -> 413, nothing kept.")

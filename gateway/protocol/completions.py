@@ -12,7 +12,7 @@ __all__ = ["Completion", "CompletionChoice", "CompletionLogprobs", "CompletionRe
 
 
 class CompletionRequest(SamplingRequest, kw_only=True):
-    prompt: str | Annotated[list[str], Meta(min_length=1, max_length=1)]
+    prompt: str | Annotated[list[str], Meta(min_length=1)]  # token-id prompts are not served
     max_tokens: Annotated[int, Meta(ge=1)] | None = 16
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
     echo: bool | None = None

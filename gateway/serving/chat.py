@@ -19,6 +19,7 @@ from gateway.metrics import GatewayMetrics
 from gateway.protocol import chat as p
 from gateway.protocol import completions as pc
 from gateway.serving.registry import ModelEntry, ModelRegistry
+from gateway.serving.streams import MergedStream
 from gateway.settings import LimitSettings
 
 __all__ = ["ChatService", "UsageSink"]
@@ -177,7 +178,11 @@ class ChatService:
     async def complete(
         self, req: pc.CompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
     ) -> pc.Completion | AsyncIterator[bytes]:
-        prompt = req.prompt if isinstance(req.prompt, str) else req.prompt[0]
+        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
+        if len(prompts) > self._limits.max_prompts:
+            raise InvalidRequest(
+                f"at most {self._limits.max_prompts} prompts per request on this server", param="prompt"
+            )
         gen = await self._generate(
             req,
             principal,
@@ -186,10 +191,14 @@ class ChatService:
             max_tokens=req.max_tokens,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
-            prompt=prompt,
+            prompts=prompts,
         )
         completion_id = f"cmpl-{uuid.uuid4().hex}"
-        echo = prompt if req.echo else ""
+        n = req.n or 1
+
+        def echo_of(index: int) -> str:  # choice i * n + j belongs to prompt i
+            return prompts[index // n] if req.echo else ""
+
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             offsets: dict[int, int] = {}  # per choice: characters sent so far, for logprobs.text_offset
@@ -203,8 +212,9 @@ class ChatService:
 
             def choices_for(delta: ChoiceDelta) -> list[list[Any]]:
                 first = delta.index not in offsets
-                text = (echo if first else "") + delta.text
-                start = offsets.get(delta.index, 0) + (len(echo) if first else 0)
+                echo = echo_of(delta.index) if first else ""
+                text = echo + delta.text
+                start = offsets.get(delta.index, 0) + len(echo)
                 offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
                 logprobs = _completion_logprobs(delta.logprobs, start) if gen.sampling.logprobs else None
                 choice = pc.CompletionChoice(
@@ -221,9 +231,11 @@ class ChatService:
             choices=[
                 pc.CompletionChoice(
                     index=i,
-                    text=echo + r.text,
+                    text=echo_of(i) + r.text,
                     finish_reason=r.finish or "stop",  # type: ignore[arg-type]
-                    logprobs=_completion_logprobs(r.logprobs, len(echo)) if gen.sampling.logprobs else None,
+                    logprobs=_completion_logprobs(r.logprobs, len(echo_of(i)))
+                    if gen.sampling.logprobs
+                    else None,
                 )
                 for i, r in enumerate(results)
             ],
@@ -243,28 +255,34 @@ class ChatService:
         logprobs: bool,
         top_logprobs: int,
         messages: tuple[ChatMessage, ...] | None = None,
-        prompt: str | None = None,
+        prompts: list[str] | None = None,
     ) -> _Generation:
-        """Resolve the model for this principal, check the sampling request and submit it to the engine."""
+        """Resolve the model for this principal, check the sampling request and submit it to the engine:
+        the chat `messages`, or each of the legacy `prompts` as its own engine request."""
         started = time.perf_counter()
         engine, entry = await self._registry.engine_for(req.model, principal)
         observed_usage, on_first_token = self._observed(entry, on_usage, started)
         sampling = self._sampling(req, max_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
         n = req.n or 1
-        stream = await engine.submit(
-            GenerationRequest(
-                request_id=request_id,
-                model=entry.base,
-                messages=messages,
-                prompt=prompt,
-                sampling=sampling,
-                n=n,
-                adapter=None if entry.is_base else entry.id,
-            )
-        )
-        return _Generation(stream, sampling, n, observed_usage, on_first_token)
-
-    # -- shared ------------------------------------------------------------------------------------------
+        streams: list[GenerationStream] = []
+        try:
+            for prompt in prompts if prompts is not None else [None]:
+                request = GenerationRequest(
+                    request_id=request_id,
+                    model=entry.base,
+                    messages=messages,
+                    prompt=prompt,
+                    sampling=sampling,
+                    n=n,
+                    adapter=None if entry.is_base else entry.id,
+                )
+                streams.append(await engine.submit(request))
+        except BaseException:  # one prompt refused (too long, queue full): abort those already queued
+            for stream in streams:
+                await stream.aclose()
+            raise
+        stream = streams[0] if len(streams) == 1 else MergedStream(streams, n)
+        return _Generation(stream, sampling, n * len(streams), observed_usage, on_first_token)
 
     def _observed(
         self, entry: ModelEntry, on_usage: UsageSink, started: float

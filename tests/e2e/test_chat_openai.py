@@ -219,6 +219,26 @@ def test_legacy_completions(client: openai.OpenAI) -> None:
     assert "".join(c.choices[0].text for c in chunks if c.choices)
 
 
+def test_legacy_completions_with_a_list_of_prompts(client: openai.OpenAI) -> None:
+    prompts = ["The capital of France is", "1, 2, 3,"]
+    result = client.completions.create(
+        model=MODEL, prompt=prompts, max_tokens=6, temperature=0, n=2, echo=True
+    )
+    validate("CreateCompletionResponse", result.model_dump(exclude_unset=True))
+    assert [c.index for c in result.choices] == [0, 1, 2, 3]  # choice i * n + j: prompt i, completion j
+    for choice in result.choices:
+        assert choice.text.startswith(prompts[choice.index // 2])
+    assert result.usage is not None and result.usage.completion_tokens <= 4 * 6
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, temperature=0, stream=True)
+    )
+    finished = {c.choices[0].index for c in chunks if c.choices and c.choices[0].finish_reason}
+    assert finished == {0, 1}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.completions.create(model=MODEL, prompt=["x"] * 33, max_tokens=1)
+    assert refused.value.status_code == 400 and refused.value.param == "prompt"
+
+
 def test_legacy_completions_stream_logprobs_and_echo(client: openai.OpenAI) -> None:
     prompt = "1, 2, 3,"
     whole = client.completions.create(

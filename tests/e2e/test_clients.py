@@ -8,7 +8,7 @@ import subprocess
 
 import httpx
 import pytest
-from langchain_openai import ChatOpenAI
+from langchain_openai import ChatOpenAI, OpenAI
 
 from tests.e2e.harness import Gateway
 from tests.spec import validate
@@ -43,6 +43,26 @@ def test_langchain_stream(llm: ChatOpenAI) -> None:
 def test_langchain_batch(llm: ChatOpenAI) -> None:
     answers = llm.batch(["Say hello.", "Name a fruit.", "What is 2 + 2?"])
     assert len(answers) == 3 and all(a.content for a in answers)
+
+
+def test_langchain_completion_llm_sends_its_prompts_in_one_request(gateway: Gateway) -> None:
+    # LangChain's completion LLM batches prompts into one /v1/completions request with a list of prompts
+    llm = OpenAI(
+        model=MODEL,
+        base_url=gateway.base_url,
+        api_key=gateway.token(),
+        temperature=0,
+        max_tokens=8,
+        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
+        http_async_client=httpx.AsyncClient(verify=gateway.verify(), timeout=120),
+    )
+    prompts = ["The capital of France is", "1, 2, 3,", "Water is made of"]
+    result = llm.generate(prompts)
+    texts = [g[0].text for g in result.generations]
+    assert len(texts) == 3 and all(texts)
+    alone = [llm.invoke(p) for p in prompts]  # each on its own gives the same greedy answer
+    assert sum(a == t for a, t in zip(alone, texts, strict=True)) >= 2  # batching may flip a near-tie
+    assert result.llm_output and result.llm_output["token_usage"]["completion_tokens"] > 0
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
