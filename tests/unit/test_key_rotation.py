@@ -414,3 +414,14 @@ def test_cli_refuses_when_encryption_is_off(
 def test_keys_without_a_subcommand_still_makes_a_signing_pair(tmp_path: Path) -> None:
     assert main(["keys", "--out", str(tmp_path), "--name", "t"]) == 0
     assert (tmp_path / "t-private.pem").is_file() and (tmp_path / "t-public.pem").is_file()
+
+
+def test_a_gateway_started_during_the_rotation_fails_at_start_up(settings: Settings) -> None:
+    from gateway.audit.log import AuditLog, AuditLogBusy
+    from gateway.cli import _service_stopped
+
+    path, key = settings.data_path / settings.audit.path, os.urandom(32)
+    AuditLog(path, key).close()  # a gateway ran here before
+    with _service_stopped(settings), pytest.raises(AuditLogBusy):
+        AuditLog(path, key)
+    AuditLog(path, key).close()  # and starts once the rotation is over
