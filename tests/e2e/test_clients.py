@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+from typing import Any
 
 import httpx
 import pytest
@@ -16,17 +17,22 @@ from tests.spec import validate
 MODEL = "smollm2-135m-instruct"
 
 
+def _pointed_at(gateway: Gateway, max_tokens: int) -> dict[str, Any]:
+    """What any LangChain OpenAI class needs to talk to the gateway: its URL, a token, our dev CA."""
+    return {
+        "model": MODEL,
+        "base_url": gateway.base_url,
+        "api_key": gateway.token(),
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "http_client": httpx.Client(verify=gateway.verify(), timeout=120),
+        "http_async_client": httpx.AsyncClient(verify=gateway.verify(), timeout=120),
+    }
+
+
 @pytest.fixture(scope="module")
 def llm(gateway: Gateway) -> ChatOpenAI:
-    return ChatOpenAI(
-        model=MODEL,
-        base_url=gateway.base_url,
-        api_key=gateway.token(),
-        temperature=0,
-        max_tokens=24,
-        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
-        http_async_client=httpx.AsyncClient(verify=gateway.verify(), timeout=120),
-    )
+    return ChatOpenAI(**_pointed_at(gateway, max_tokens=24))
 
 
 def test_langchain_invoke(llm: ChatOpenAI) -> None:
@@ -47,15 +53,7 @@ def test_langchain_batch(llm: ChatOpenAI) -> None:
 
 def test_langchain_completion_llm_sends_its_prompts_in_one_request(gateway: Gateway) -> None:
     # LangChain's completion LLM batches prompts into one /v1/completions request with a list of prompts
-    llm = OpenAI(
-        model=MODEL,
-        base_url=gateway.base_url,
-        api_key=gateway.token(),
-        temperature=0,
-        max_tokens=8,
-        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
-        http_async_client=httpx.AsyncClient(verify=gateway.verify(), timeout=120),
-    )
+    llm = OpenAI(**_pointed_at(gateway, max_tokens=8))
     prompts = ["The capital of France is", "1, 2, 3,", "Water is made of"]
     result = llm.generate(prompts)
     texts = [g[0].text for g in result.generations]
