@@ -44,7 +44,8 @@ import structlog
 from finetune.job_training import JobFailed, JobRun, JobTrainer, Stopped, add_event
 from finetune.lease import keep_lease, take_slot
 from finetune.publish import Publisher
-from gateway.encryption import Cipher, cipher_from_settings
+from gateway.encryption import Cipher
+from gateway.master_key import cipher_from_settings
 from gateway.private_files import ensure_private_dir
 from gateway.serving.files import FileStorage
 from gateway.settings import Settings, load_settings

@@ -24,8 +24,8 @@ from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import apply_limits, authorize
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.tokens import TokenVerifier
-from gateway.encryption import cipher_from_settings
 from gateway.engine.base import Engine
+from gateway.master_key import cipher_from_settings
 from gateway.metrics import GatewayMetrics
 from gateway.private_files import ensure_private_dir
 from gateway.routes.audit import list_audit_records

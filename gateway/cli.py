@@ -169,7 +169,7 @@ def _service_stopped(settings: Settings) -> Iterator[None]:
 
 
 def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
-    from gateway.encryption import read_key_file, rotate_master_key
+    from gateway.master_key import read_key_file, rotate_master_key
 
     settings = _settings(args)
     if not settings.privacy.encrypt_at_rest:

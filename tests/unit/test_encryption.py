@@ -17,9 +17,8 @@ from gateway.encryption import (
     NullCipher,
     TamperedError,
     WrongMasterKey,
-    cipher_from_settings,
-    load_master_key,
 )
+from gateway.master_key import cipher_from_settings, load_master_key
 from gateway.settings import PrivacySettings, Settings
 
 CHUNK = 1024  # small chunks so a few KiB span many of them

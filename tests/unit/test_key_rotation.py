@@ -15,17 +15,20 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from gateway import encryption
+from gateway import master_key
 from gateway.cli import main
 from gateway.encryption import (
     Cipher,
     FileCipher,
     TamperedError,
     WrongMasterKey,
+)
+from gateway.master_key import (
     cipher_from_settings,
     master_key_path,
     retiring_key_path,
     rotate_master_key,
+    rotate_tree,
 )
 from gateway.settings import PrivacySettings, Settings
 
@@ -131,7 +134,7 @@ def test_version_1_files_read_before_and_after_rotation(tmp_path: Path) -> None:
     assert _read(FileCipher(old), path) == plain
     ring = FileCipher(new, previous=[old])
     assert _read(ring, path) == plain
-    report = ring.rotate_tree(tmp_path)
+    report = rotate_tree(ring, tmp_path)
     assert (report.rewritten, report.skipped, report.failed) == (1, 0, [])
     assert path.read_bytes()[6] == 1  # still version 1
     assert _read(FileCipher(new), path) == plain
@@ -238,7 +241,7 @@ def test_a_failure_while_writing_a_key_file_loses_nothing(
     settings: Settings, files: dict[Path, bytes], monkeypatch: pytest.MonkeyPatch, failing: object
 ) -> None:
     old = master_key_path(settings).read_bytes()
-    real = encryption.write_private_file
+    real = master_key.write_private_file
     target = failing(settings)  # type: ignore[operator]
 
     def disk_full(path: Path, data: bytes, *, exclusive: bool = False) -> bool:
@@ -246,10 +249,10 @@ def test_a_failure_while_writing_a_key_file_loses_nothing(
             raise OSError(28, "No space left on device")
         return real(path, data, exclusive=exclusive)
 
-    monkeypatch.setattr(encryption, "write_private_file", disk_full)
+    monkeypatch.setattr(master_key, "write_private_file", disk_full)
     with pytest.raises(OSError, match="No space"):
         rotate_master_key(settings)
-    monkeypatch.setattr(encryption, "write_private_file", real)
+    monkeypatch.setattr(master_key, "write_private_file", real)
     cipher = cipher_from_settings(settings)  # whichever write failed, what the gateway loads reads everything
     assert all(_read(cipher, path) == plain for path, plain in files.items())
     done = rotate_master_key(settings)

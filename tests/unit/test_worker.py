@@ -185,7 +185,7 @@ def _setup(tmp_path: Path, **settings: Any) -> Setup:
         **settings,
     )
     store = Store.open(config.data_path)
-    from gateway.encryption import cipher_from_settings
+    from gateway.master_key import cipher_from_settings
 
     return Setup(config, store, FileStorage(store, cipher_from_settings(config), config.data_path))
 
