@@ -3,6 +3,7 @@
 gateway serve              run the HTTPS gateway (and a fine-tuning worker unless disabled)
 gateway prepare            convert the configured GGUF base models once and create dev keys
 gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
+gateway revoke             revoke a token (--token JWT | --jti ID) or every token of a subject (--sub S)
 gateway keys               create a signing key pair (ed25519 | rsa | ec)
 gateway keys rotate-master re-encrypt every encrypted file under a new master key (service stopped)
 gateway chat               interactive chat with a running gateway (streams; /help inside)
@@ -20,6 +21,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+
+from jwt import PyJWTError
 
 from gateway.audit.log import AuditChainBroken, AuditLogBusy
 from gateway.private_files import ensure_private_dir, restrict_umask
@@ -129,6 +132,33 @@ def cmd_token(args: argparse.Namespace) -> int:
             settings, sub=args.sub, org=args.org, scope=args.scope, ttl_seconds=parse_ttl(args.ttl)
         )
     )
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    import time
+
+    import jwt
+
+    from gateway.auth.revocations import RevocationList
+
+    settings = _settings(args)
+    revocations = RevocationList(settings.key_path(settings.auth.revocation_file, "revoked-tokens.json"))
+    if args.sub:
+        revocations.revoke_subject(args.sub)
+        print(f"revoked every token of subject {args.sub!r} issued until now")
+    else:
+        jti, expires = args.jti, int(time.time()) + 366 * 86400  # no exp known: keep it a year
+        if args.token:  # read, not verified: revoking a forged token only lists an id nobody holds
+            claims = jwt.decode(args.token, options={"verify_signature": False})
+            jti = claims.get("jti")
+            if not isinstance(jti, str) or not jti:
+                raise ValueError("the token has no `jti` claim: revoke its subject with --sub instead")
+            expires = int(claims.get("exp", expires))
+        revocations.revoke_token(jti, expires)
+        print(f"revoked token {jti}")
+    tokens, subjects = revocations.counts()
+    print(f"in force: {tokens} revoked tokens, {subjects} revoked subjects ({revocations.path})")
     return 0
 
 
@@ -260,6 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 1h, 7d")
     token.set_defaults(func=cmd_token)
 
+    revoke = sub.add_parser("revoke", help="revoke a token, or every token of a subject, before it expires")
+    which = revoke.add_mutually_exclusive_group(required=True)
+    which.add_argument("--token", help="the token itself (its jti and exp are read from it)")
+    which.add_argument("--jti", help="a token id (the `jti` claim)")
+    which.add_argument("--sub", help="a subject: every token it holds now stops working")
+    revoke.set_defaults(func=cmd_revoke)
+
     keys = sub.add_parser("keys", help="create a signing key pair; rotate the master key")
     keys.add_argument("--kind", choices=["ed25519", "rsa", "ec"], default="ed25519")
     keys.add_argument("--out", default=".")
@@ -304,7 +341,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (FileNotFoundError, FileExistsError, ValueError, AuditChainBroken, AuditLogBusy) as exc:
+    except (
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+        AuditChainBroken,
+        AuditLogBusy,
+        PyJWTError,
+    ) as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         return 2
 

@@ -127,6 +127,10 @@ class AuthSettings:
         "", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem."
     )
     leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
+    revocation_file: str = _f(
+        "",
+        "Revoked tokens (`gateway revoke`), re-read on change. Empty: <data_dir>/keys/revoked-tokens.json.",
+    )
     metrics_access: str = _f(
         "loopback",
         "Who may scrape /metrics: loopback (no token from 127.0.0.0/8 or ::1 unless the request came through "

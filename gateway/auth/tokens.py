@@ -24,13 +24,15 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.exceptions import InvalidSubjectError
 
 from gateway.auth.principal import ALL_SCOPES, Principal
-from gateway.errors import AuthenticationFailed
+from gateway.auth.revocations import RevocationList, RevocationListUnreadable
+from gateway.errors import AuthenticationFailed, GatewayError
 from gateway.settings import Settings
 
 __all__ = [
@@ -42,6 +44,8 @@ __all__ = [
     "mint_token",
     "parse_ttl",
 ]
+
+log = structlog.get_logger(__name__)
 
 REQUIRED_CLAIMS = ("exp", "iat", "sub", "iss", "aud")
 MAX_TOKEN_CHARS = 8192
@@ -113,9 +117,11 @@ class TokenVerifier:
         issuer: str,
         audience: str,
         leeway_seconds: int = 30,
+        revocations: RevocationList | None = None,
     ) -> None:
         if not keys:
             raise ValueError("no verification key configured")
+        self._revocations = revocations
         self._keys = dict(keys)
         self._issuer = issuer
         self._audience = audience
@@ -161,6 +167,7 @@ class TokenVerifier:
             "issuer": auth.issuer,
             "audience": auth.audience,
             "leeway_seconds": auth.leeway_seconds,
+            "revocations": RevocationList(settings.key_path(auth.revocation_file, "revoked-tokens.json")),
         }
         if auth.hs256_secret_file:
             return cls.from_hs256_secret(_read_hs256_secret(Path(auth.hs256_secret_file)), **kw)
@@ -197,7 +204,19 @@ class TokenVerifier:
         if alg not in key.algorithms:
             raise AuthenticationFailed("token algorithm is not allowed for the configured key")
         claims = self._decode(token, key)
+        if self._revocations is not None and self._is_revoked(claims):
+            raise AuthenticationFailed("token has been revoked")
         return self._principal(claims)
+
+    def _is_revoked(self, claims: Mapping[str, Any]) -> bool:
+        assert self._revocations is not None
+        try:
+            return self._revocations.is_revoked(claims)
+        except RevocationListUnreadable as exc:  # fail closed: an unreadable list must not undo revocations
+            log.error("auth.revocation_list_unreadable", error=str(exc))
+            raise GatewayError(
+                "this gateway cannot read its token revocation list; its operator must fix it"
+            ) from None
 
     def _decode(self, token: str, key: VerificationKey) -> dict[str, Any]:
         try:

@@ -7,6 +7,7 @@
 - Audit: each request of a scenario leaves exactly one record with the right action/status/outcome, and the
   `x-request-id` header is that record's request_id; `gateway audit verify` passes, fails on an edited copy
   naming the line, and the chain continues and still verifies across a restart.
+- Revocation: `gateway revoke --token` cuts off that token on the running server, nobody else.
 - /metrics: open to a local scrape, a token with `admin` for a client a loopback proxy forwards for.
 - The egress guard is on in the server, and everything under the data dir is 0600 (files) / 0700 (dirs).
 
@@ -177,6 +178,24 @@ def test_public_key_as_hmac_secret_is_refused(gateway: Gateway) -> None:
     with gateway.client(forged) as client:
         response = client.get("/v1/audit")
         assert response.status_code == 401 and forged not in response.text
+
+
+def test_a_revoked_token_stops_working_at_once(gateway: Gateway) -> None:
+    leaked, colleague = gateway.token(sub="leaver"), gateway.token(sub="stayer")
+    assert sdk(gateway, leaked).models.list().data  # good until revoked
+    revoke = subprocess.run(
+        [sys.executable, "-m", "gateway.cli", "revoke", "--token", leaked],
+        env=gateway.env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert revoke.returncode == 0, revoke.stderr
+    with pytest.raises(openai.AuthenticationError) as info:  # the running server re-reads the list
+        sdk(gateway, leaked).models.list()
+    assert "revoked" in info.value.message
+    assert info.value.response.headers["www-authenticate"] == 'Bearer error="invalid_token"'
+    assert sdk(gateway, colleague).models.list().data  # nobody else is affected
 
 
 def test_metrics_are_open_to_a_local_scrape_only(gateway: Gateway) -> None:
