@@ -212,19 +212,36 @@ class ModelRunner:
                     ("q_proj", "k_proj", "v_proj"),
                     (self.q_size, self.kv_size, self.kv_size),
                 )
-            q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
-            q = q.reshape(-1, self.n_heads, self.head_dim).float()
-            k = k.reshape(-1, self.n_kv_heads, self.head_dim).float()
-            v = v.reshape(-1, self.n_kv_heads, self.head_dim)
+            # q and k heads side by side: one fp32 rotary pass for both (fewer ops per layer: the engine
+            # thread needs the GIL between ops, so op count is step time under load)
+            heads = self.n_heads + self.n_kv_heads
+            qk = qkv[:, : self.q_size + self.kv_size].reshape(-1, heads, self.head_dim).float()
+            v = qkv[:, self.q_size + self.kv_size :].reshape(-1, self.n_kv_heads, self.head_dim)
             if layer.q_norm is not None and layer.k_norm is not None:
-                q = F.rms_norm(q, (self.head_dim,), layer.q_norm, self.eps)
-                k = F.rms_norm(k, (self.head_dim,), layer.k_norm, self.eps)
-            q, k = _rope(q, cos, sin).to(self.dtype), _rope(k, cos, sin).to(self.dtype)
-            attn = torch.empty_like(q)
+                qn, kn = qk.split((self.n_heads, self.n_kv_heads), dim=1)
+                qk = torch.cat(
+                    [
+                        F.rms_norm(qn, (self.head_dim,), layer.q_norm, self.eps),
+                        F.rms_norm(kn, (self.head_dim,), layer.k_norm, self.eps),
+                    ],
+                    dim=1,
+                )
+            q, k = _rope(qk, cos, sin).to(self.dtype).split((self.n_heads, self.n_kv_heads), dim=1)
             k_cache, v_cache = self.k_cache[index], self.v_cache[index]
-            if dec_bias is not None:
+            if n_dec == 1:  # basic indexing: a plain copy instead of an index_put
+                slot, position = batch.decode_slots[0], batch.decode_positions[0]
+                k_cache[slot, :, position] = k[0]
+                v_cache[slot, :, position] = v[0]
+            elif n_dec:
                 k_cache[dec_slots, :, dec_pos] = k[:n_dec]
                 v_cache[dec_slots, :, dec_pos] = v[:n_dec]
+            if not batch.prefills and dec_bias is not None:
+                attn = self._decode_attention(q, k_cache, v_cache, dec_slots, dec_bias, dense)
+                attn_flat = attn.reshape(-1, self.q_size)
+                x = self._finish_layer(x, attn_flat, layer, index, groups, compact)
+                continue
+            attn = torch.empty((q.shape[0], self.n_heads, self.head_dim), dtype=q.dtype, device=q.device)
+            if dec_bias is not None:
                 attn[:n_dec] = self._decode_attention(q[:n_dec], k_cache, v_cache, dec_slots, dec_bias, dense)
             offset = n_dec
             for seg in batch.prefills:
@@ -236,22 +253,7 @@ class ModelRunner:
                     q[offset:end], k_cache, v_cache, seg.slot, seg.start, stop
                 )
                 offset = end
-            attn_flat = attn.view(-1, self.q_size)
-            out = _linear(attn_flat, layer, "o", compact)
-            if groups:
-                _apply_lora(out, attn_flat, groups, index, ("o_proj",), (out.shape[-1],))
-            x = x + out.float()
-            h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps).to(self.dtype)
-            gate_up = _linear(h, layer, "gate_up", compact)
-            inter = layer.down.shape[1]
-            if groups:
-                _apply_lora(gate_up, h, groups, index, ("gate_proj", "up_proj"), (inter, inter))
-            gate, up = gate_up.split((inter, inter), dim=-1)
-            act = F.silu(gate) * up
-            down = _linear(act, layer, "down", compact)
-            if groups:
-                _apply_lora(down, act, groups, index, ("down_proj",), (down.shape[-1],))
-            x = x + down.float()
+            x = self._finish_layer(x, attn.view(-1, self.q_size), layer, index, groups, compact)
 
         rows = list(range(n_dec))
         offset = n_dec
@@ -262,6 +264,33 @@ class ModelRunner:
         last = x[rows] if len(rows) != x.shape[0] else x
         last = F.rms_norm(last, (last.shape[-1],), self.final_norm, self.eps).to(self.dtype)
         return F.linear(last, self.lm_head).float()
+
+    def _finish_layer(
+        self,
+        x: torch.Tensor,
+        attn_flat: torch.Tensor,
+        layer: _Layer,
+        index: int,
+        groups: list[tuple[LoraAdapter, torch.Tensor]],
+        compact: bool,
+    ) -> torch.Tensor:
+        """The layer after attention: output projection, residual, MLP, residual (x is updated in place)."""
+        out = _linear(attn_flat, layer, "o", compact)
+        if groups:
+            _apply_lora(out, attn_flat, groups, index, ("o_proj",), (out.shape[-1],))
+        x += out  # fp32 residual stream += bf16 projection, computed in fp32
+        h = F.rms_norm(x, (x.shape[-1],), layer.post_norm, self.eps).to(self.dtype)
+        gate_up = _linear(h, layer, "gate_up", compact)
+        inter = layer.down.shape[1]
+        if groups:
+            _apply_lora(gate_up, h, groups, index, ("gate_proj", "up_proj"), (inter, inter))
+        gate, up = gate_up.split((inter, inter), dim=-1)
+        act = F.silu(gate) * up
+        down = _linear(act, layer, "down", compact)
+        if groups:
+            _apply_lora(down, act, groups, index, ("down_proj",), (down.shape[-1],))
+        x += down
+        return x
 
     def _decode_bias(self, dec_pos: torch.Tensor) -> torch.Tensor:
         """Additive attention bias [B, 1, 1, L]: 0 where a row may look, -inf past its own position."""

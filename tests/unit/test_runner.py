@@ -105,6 +105,43 @@ def test_qwen2_with_qkv_bias() -> None:
     torch.testing.assert_close(logits[0], reference_logits(model, ids)[-1], atol=1e-4, rtol=1e-4)
 
 
+def test_qwen3_with_qk_norms_decodes_two_rows_like_transformers() -> None:
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    model = Qwen3ForCausalLM(config).eval()
+    with torch.no_grad():  # random q/k norm weights, so a norm applied to the wrong heads shows
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    runner = ModelRunner(model, max_slots=2, max_model_len=64)
+    a, b = [4, 8, 15, 16, 23, 42], [7, 1, 3, 9, 2, 5, 11]
+    ref_a, ref_b = reference_logits(model, a), reference_logits(model, b)
+    runner.step(StepBatch(prefills=[PrefillSegment(slot=0, start=0, token_ids=a[:4])]))
+    runner.step(StepBatch(prefills=[PrefillSegment(slot=1, start=0, token_ids=b[:5])]))
+    for step in range(2):  # two rows of different lengths in one step: the batched decode attention
+        logits = runner.step(
+            StepBatch(
+                decode_slots=[0, 1],
+                decode_tokens=[a[4 + step], b[5 + step]],
+                decode_positions=[4 + step, 5 + step],
+                decode_adapters=[None, None],
+            )
+        )
+        torch.testing.assert_close(logits[0], ref_a[4 + step], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(logits[1], ref_b[5 + step], atol=1e-4, rtol=1e-4)
+
+
 def test_unsupported_architecture_is_refused() -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
