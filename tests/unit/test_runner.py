@@ -87,8 +87,9 @@ def test_cache_grows_past_its_first_capacity() -> None:
     torch.testing.assert_close(logits[0], reference_logits(model, ids)[-1], atol=1e-4, rtol=1e-4)
 
 
-def test_qwen2_with_qkv_bias() -> None:
-    config = Qwen2Config(
+def tiny_qwen_config(config_class: type, **extra: object) -> object:
+    """Two layers, grouped-query attention, untied embeddings: what Qwen2/Qwen3 ship."""
+    return config_class(
         vocab_size=96,
         hidden_size=64,
         intermediate_size=96,
@@ -97,8 +98,12 @@ def test_qwen2_with_qkv_bias() -> None:
         num_key_value_heads=2,
         max_position_embeddings=128,
         tie_word_embeddings=False,
+        **extra,
     )
-    model = Qwen2ForCausalLM(config).eval()
+
+
+def test_qwen2_with_qkv_bias() -> None:
+    model = Qwen2ForCausalLM(tiny_qwen_config(Qwen2Config)).eval()
     runner = ModelRunner(model, max_slots=2, max_model_len=64)
     ids = [4, 8, 15, 16, 23, 42]
     logits = runner.step(StepBatch(prefills=[PrefillSegment(slot=0, start=0, token_ids=ids)]))
@@ -108,18 +113,7 @@ def test_qwen2_with_qkv_bias() -> None:
 def test_qwen3_with_qk_norms_decodes_two_rows_like_transformers() -> None:
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    config = Qwen3Config(
-        vocab_size=96,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=128,
-        tie_word_embeddings=False,
-    )
-    model = Qwen3ForCausalLM(config).eval()
+    model = Qwen3ForCausalLM(tiny_qwen_config(Qwen3Config, head_dim=16)).eval()
     with torch.no_grad():  # random q/k norm weights, so a norm applied to the wrong heads shows
         for layer in model.model.layers:
             layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
