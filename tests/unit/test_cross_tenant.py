@@ -23,16 +23,11 @@ from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.settings import LimitSettings, Settings
 from tests.unit.fake_engine import FakeEngine
+from tests.unit.training_files import chat_jsonl
 
 BASE = "smollm2-135m-instruct"
 ALL = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
-TRAINING = b"".join(
-    json.dumps(
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-    ).encode()
-    + b"\n"
-    for i in range(12)
-)
+TRAINING = chat_jsonl(12)
 
 
 @dataclass

@@ -22,6 +22,7 @@ from gateway.auth.tokens import mint_dev_token
 from gateway.settings import LimitSettings, PrivacySettings, Settings
 from tests.spec import validate
 from tests.unit.fake_engine import FakeEngine
+from tests.unit.training_files import chat_jsonl
 
 BASE = "smollm2-135m-instruct"
 SCOPES = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
@@ -31,13 +32,7 @@ ALPACA_ROWS = [
 ]
 ALPACA_JSON = json.dumps(ALPACA_ROWS, ensure_ascii=False).encode()
 ALPACA_JSONL = b"".join(json.dumps(r, ensure_ascii=False).encode() + b"\n" for r in ALPACA_ROWS)
-CHAT_JSONL = b"".join(
-    json.dumps(
-        {"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
-    ).encode()
-    + b"\n"
-    for i in range(5)
-)
+CHAT_JSONL = chat_jsonl(5)
 
 
 @dataclass
