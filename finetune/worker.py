@@ -36,6 +36,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,7 @@ def _stop_with_gateway_parent() -> None:
 
 
 _PR_SET_PDEATHSIG = 1
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     from gateway.logs import configure_logging
     from gateway.private_files import restrict_umask
 
+    # Before any thread exists, so every thread inherits the mask: SIGTERM/SIGINT stay pending until
+    # _run_until_signalled takes them (see there); `_stop_with_gateway_parent`'s own SIGTERM included.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     _stop_with_gateway_parent()  # first: the gateway may die while this process starts up
     parser = argparse.ArgumentParser(prog="python -m finetune.worker", description="Run fine-tuning jobs.")
     parser.add_argument("--config", help="TOML settings file (or GATEWAY_CONFIG)")
@@ -234,18 +239,32 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(settings.server.log_level)
     install_from_settings(settings)  # no egress from the process that reads training data either
     worker = Worker(settings)
-
-    def stop(signum: int, _frame: Any) -> None:
-        # only set the flag: logging here could deadlock on the logger's lock if the signal landed mid-write
-        worker.shutdown.set()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    if args.once:
-        worker.run_once()
-    else:
-        worker.run_forever()
+    _run_until_signalled(worker.run_once if args.once else worker.run_forever, worker.shutdown)
     return 0
+
+
+def _run_until_signalled(loop: Callable[[], object], shutdown: threading.Event) -> None:
+    """Run `loop` on a thread of its own while this (main) thread waits for a stop signal and sets
+    `shutdown`.  Not a signal handler: one runs between two bytecodes of the interrupted main thread, and
+    `Event.set()` there deadlocks forever when that thread was inside `Event.wait()` holding the event's
+    lock (a worker hung on SIGTERM in CI that way).  `sigtimedwait` takes the signal as an ordinary call."""
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            loop()
+        except BaseException as exc:  # re-raised on the main thread: the process must not exit 0
+            failure.append(exc)
+
+    thread = threading.Thread(target=run, name="worker-loop")
+    thread.start()
+    while thread.is_alive():
+        if signal.sigtimedwait(_STOP_SIGNALS, 0.5) is not None:  # the timeout only notices the loop's end
+            shutdown.set()  # training stops at its next step; a second signal would change nothing
+            break
+    thread.join()
+    if failure:
+        raise failure[0]
 
 
 if __name__ == "__main__":
