@@ -4,7 +4,8 @@ It loops: take commands (new requests, aborts) -> admit waiting requests into fr
 decode token for every running sequence plus prompt chunks of newly admitted ones) -> sample -> detokenize ->
 push deltas to each request's asyncio queue.  A request joins the running batch at the next step, and one that
 finishes or is aborted frees its slot at once; slots are kept dense by moving the last one into the hole.
-Only this thread touches the runner and the sequences; other threads talk to it through `commands`.
+Only this thread touches the runner and the sequences; other threads talk to it through `commands` (add,
+abort, stop, and `call`: run a function here, as LocalEngine does to load adapters).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import asyncio
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,6 +112,10 @@ class Scheduler:
     def stop(self) -> None:
         self._commands.put(("stop", None))
 
+    def call(self, fn: Callable[[], Any], result: Future[Any]) -> None:
+        """Run `fn` on the engine thread between two steps; its value or exception lands in `result`."""
+        self._commands.put(("call", (fn, result)))
+
     def run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
@@ -141,6 +148,12 @@ class Scheduler:
                 if group is not None:
                     group.aborted = True
                     self._finish_group(group)
+            elif kind == "call":
+                fn, result = payload
+                try:
+                    result.set_result(fn())
+                except Exception as exc:
+                    result.set_exception(exc)
 
     def _admit(self) -> None:
         while self._waiting:

@@ -4,6 +4,7 @@ uses the real SmolLM2 tokenizer."""
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from pathlib import Path
 
@@ -15,9 +16,10 @@ from finetune.base_model import embedded_gguf
 from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local import LocalEngine
+from gateway.engine.lora import AdapterError
 from gateway.engine.sampling import SequenceSampler, sample_batch
-from gateway.errors import ContextLengthExceeded, NotFound, RateLimited
-from tests.unit.tiny_models import tiny_llama_config
+from gateway.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
+from tests.unit.tiny_models import save_peft_adapter, tiny_llama_config
 
 NAME = "tiny"
 
@@ -185,6 +187,56 @@ def test_context_and_adapter_errors(engine_factory) -> None:  # type: ignore[no-
     missing = GenerationRequest(request_id="t", model=NAME, prompt="x", adapter="nope")
     with pytest.raises(NotFound):
         asyncio.run(collect(engine, missing))
+
+
+def test_the_model_and_adapters_load_on_the_engine_thread(  # type: ignore[no-untyped-def]
+    engine_factory, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """All torch work of the serving process stays on one thread (LocalEngine._run says why)."""
+    import finetune.base_model
+    from gateway.engine import local
+
+    loaded_on: list[str] = []
+
+    def spy(real):  # type: ignore[no-untyped-def]
+        def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+            loaded_on.append(threading.current_thread().name)
+            return real(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(finetune.base_model, "load_model", spy(finetune.base_model.load_model))
+    monkeypatch.setattr(local.LoraAdapter, "load", spy(local.LoraAdapter.load))
+    engine = engine_factory()
+    save_peft_adapter(LlamaForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter", seed=1)
+    engine.add_adapter("ft", tmp_path / "adapter")
+    assert loaded_on == ["engine", "engine"]
+    tuned = GenerationRequest(
+        request_id="t", model=NAME, prompt="Hello", adapter="ft", sampling=SamplingParams(max_tokens=4)
+    )
+    assert asyncio.run(collect(engine, tuned))[1] == {0: "length"}
+
+
+def test_a_bad_adapter_fails_its_caller_and_the_engine_serves_on(  # type: ignore[no-untyped-def]
+    engine_factory, tmp_path: Path
+) -> None:
+    engine = engine_factory()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="missing"):
+        engine.add_adapter("broken", tmp_path / "empty")
+    assert not engine.has_adapter("broken")
+    assert asyncio.run(collect(engine, request(max_tokens=3)))[2] == 3
+    engine.shutdown()
+    with pytest.raises(EngineUnavailable):
+        engine.add_adapter("late", tmp_path / "empty")
+
+
+def test_a_model_that_does_not_load_fails_start(tmp_path: Path) -> None:
+    (tmp_path / "model").mkdir()
+    engine = LocalEngine(NAME, tmp_path / "model", dtype="float32")
+    with pytest.raises((OSError, ValueError)):  # raised on the engine thread, re-raised here
+        engine.start()
+    assert not engine.is_ready()
 
 
 def test_stop_matcher_holds_back_partial_matches() -> None:

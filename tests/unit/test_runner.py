@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gateway.engine.lora import AdapterError, LoraAdapter
 from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
-from tests.unit.tiny_models import tiny_llama_config
+from tests.unit.tiny_models import save_peft_adapter, tiny_llama_config
 
 torch.manual_seed(0)
 
@@ -157,31 +157,10 @@ def test_bf16_weights_stay_close_to_fp32() -> None:
     assert (logits[0] - ref).abs().max() < 0.05 * ref.abs().max()
 
 
-def _save_peft_adapter(model: LlamaForCausalLM, out: Path, seed: int) -> LlamaForCausalLM:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(
-        model,
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-            lora_dropout=0.0,
-        ),
-    )
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:  # peft starts B at zero; make the adapter do something
-                param.normal_(0, 0.2)
-    peft_model.save_pretrained(out)
-    return peft_model.eval()
-
-
 def test_lora_rows_match_peft_and_mix_with_base_rows(tmp_path: Path) -> None:
     base = tiny_llama()
     runner = ModelRunner(base, max_slots=4, max_model_len=64)
-    peft_model = _save_peft_adapter(copy.deepcopy(base), tmp_path / "adapter", seed=1)
+    peft_model = save_peft_adapter(copy.deepcopy(base), tmp_path / "adapter", seed=1)
     adapter = LoraAdapter.load("ft", tmp_path / "adapter", num_layers=2, dtype=torch.float32)
     assert adapter.num_modules == 14
 
@@ -203,7 +182,7 @@ def test_lora_rows_match_peft_and_mix_with_base_rows(tmp_path: Path) -> None:
 
 
 def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
-    _save_peft_adapter(tiny_llama(), tmp_path / "adapter", seed=2)
+    save_peft_adapter(tiny_llama(), tmp_path / "adapter", seed=2)
     with pytest.raises(AdapterError):
         LoraAdapter.load("x", tmp_path / "adapter", num_layers=1, dtype=torch.float32)
     with pytest.raises(AdapterError):
