@@ -4,8 +4,9 @@ It sits outside Litestar so that nothing escapes it: unrouted paths (404), refus
 (429), handler errors and streams that end with the client gone all produce one record.  It reads what the
 inner layers left in scope: `route_handler` and `path_template` (Litestar's router), and in scope["state"]
 the `principal` (the guard) and `audit_resource_id`, `audit_prompt_tokens`, `audit_completion_tokens`
-(handlers).  The record is written once the app has returned, which for a streamed response is after its
-last chunk or the disconnect, so token counts are final.
+(handlers).  The record is written just before the response's last chunk is handed over (a streamed
+response's generator has finished by then, so token counts are final), or, for a response that never
+finished (client gone, handler error), once the app has returned.
 
 The request id is the caller's `x-request-id` when it is a plain token (<= 64 of [A-Za-z0-9._-]), else a new
 uuid4 hex; it is echoed as the `x-request-id` response header, bound into structlog's context for the
@@ -51,10 +52,8 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _final_status(started: int | None, complete: bool, failure: BaseException | None) -> int:
-    """The status to record: what was sent if it was sent in full; 499 if the client went away first."""
-    if started is not None and complete:
-        return started
+def _unfinished_status(started: int | None, failure: BaseException | None) -> int:
+    """The status to record for a response whose last chunk was never sent: 499 if the client went away."""
     if failure is None or isinstance(failure, anyio.get_cancelled_exc_class()):
         return CLIENT_CLOSED if started is not None or failure is not None else 500
     return 500
@@ -88,7 +87,17 @@ class AuditMiddleware:
         started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         start = time.perf_counter()
         raw_path, method = str(scope.get("path", "")), str(scope.get("method", ""))
-        response: dict[str, Any] = {"status": None, "complete": False}
+        response: dict[str, Any] = {"status": None, "written": False}
+
+        async def write(status: int) -> None:
+            response["written"] = True
+            record = self._record(scope, state, request_id, started_at, start, raw_path, method, status)
+            # Shielded: a cancelled request (client gone) must still leave its record.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await anyio.to_thread.run_sync(self._append, record)
+                except Exception as exc:
+                    log.error("audit.append_failed", request_id=request_id, error_type=type(exc).__name__)
 
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
@@ -96,9 +105,11 @@ class AuditMiddleware:
                 headers.append((REQUEST_ID_HEADER, request_id.encode()))
                 message = {**message, "headers": headers}
                 response["status"] = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # Write-ahead: the record is on disk before the client can see the response end, so a
+                # response received in full has its record even if the process dies a moment later.
+                await write(response["status"])
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                response["complete"] = True  # only once the last chunk was handed over
 
         failure: BaseException | None = None
         try:
@@ -109,14 +120,8 @@ class AuditMiddleware:
             raise
         finally:
             release_tenant_slot(state)
-            status = _final_status(response["status"], response["complete"], failure)
-            record = self._record(scope, state, request_id, started_at, start, raw_path, method, status)
-            # Shielded: a cancelled request (client gone) must still leave its record.
-            with anyio.CancelScope(shield=True):
-                try:
-                    await anyio.to_thread.run_sync(self._append, record)
-                except Exception as exc:
-                    log.error("audit.append_failed", request_id=request_id, error_type=type(exc).__name__)
+            if not response["written"]:
+                await write(_unfinished_status(response["status"], failure))
 
     @staticmethod
     def _record(

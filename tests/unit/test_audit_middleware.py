@@ -241,3 +241,25 @@ def test_a_failing_audit_write_does_not_break_the_response(audit: AuditLog) -> N
     middleware = AuditMiddleware(ok_app, audit, append=broken_append)
     asyncio.run(middleware(_scope(), _receive_disconnect, collect))
     assert sent[0]["status"] == 204
+
+
+def test_the_record_is_on_disk_before_the_response_ends(audit: AuditLog, tmp_path: Path) -> None:
+    """Write-ahead: a client that saw the whole response can count on its record, even if the gateway dies
+    right after sending it."""
+
+    async def streaming_app(scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
+        scope["state"]["audit_completion_tokens"] = 1  # as the stream's generator does when it finishes
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    records_on_disk: list[int] = []
+
+    async def collect(message: Message) -> None:
+        path = tmp_path / "audit.jsonl"
+        records_on_disk.append(len(path.read_bytes().splitlines()) if path.exists() else 0)
+
+    asyncio.run(AuditMiddleware(streaming_app, audit)(_scope(), _receive_disconnect, collect))
+    assert records_on_disk == [0, 0, 1]
+    [record] = audit.read_page()
+    assert (record["status"], record["completion_tokens"]) == (200, 1)
