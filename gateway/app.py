@@ -54,10 +54,9 @@ def build_engine(settings: Settings, name: str) -> Engine:
     from gateway.engine.local import LocalEngine
 
     source = base_model_sources(settings)[name]
-    model_dir = prepare(name, source, settings.data_path)
     engine = LocalEngine(
         name,
-        model_dir,
+        lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
         dtype=settings.models.dtype,
         max_running=settings.engine.max_running,
         max_queued=settings.engine.max_queued,

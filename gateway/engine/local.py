@@ -73,12 +73,15 @@ class _Stream:
 
 
 class LocalEngine:
-    """Engine over a local transformers model directory (see runner.py for supported architectures)."""
+    """Engine over a local transformers model directory (see runner.py for supported architectures).
+
+    `model_dir` is the directory, or a function that returns it once it exists: it runs first on the engine
+    thread, so converting a GGUF (torch work) stays on that thread too (see `_run`)."""
 
     def __init__(
         self,
         model_name: str,
-        model_dir: Path,
+        model_dir: Path | Callable[[], Path],
         *,
         dtype: str = "auto",
         max_running: int = 16,
@@ -92,7 +95,8 @@ class LocalEngine:
         quantized_max_rows: int = 16,
     ) -> None:
         self.model_name = model_name
-        self.model_dir = model_dir
+        self._model_source = model_dir
+        self.model_dir: Path | None = model_dir if isinstance(model_dir, Path) else None
         self.dtype = resolve_dtype(dtype)
         self.max_running = max_running
         self.max_queued = max_queued
@@ -151,11 +155,13 @@ class LocalEngine:
 
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.tokenizer = load_tokenizer(self.model_dir)
-        model = load_model(self.model_dir, dtype="float32")
+        source = self._model_source
+        model_dir = self.model_dir = source if isinstance(source, Path) else source()
+        self.tokenizer = load_tokenizer(model_dir)
+        model = load_model(model_dir, dtype="float32")
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
         self.max_model_len = min(self.requested_model_len, int(context))
-        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, self.model_dir)
+        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, model_dir)
         runner = ModelRunner(
             model,
             max_slots=self.max_running,
@@ -168,7 +174,7 @@ class LocalEngine:
         return Scheduler(
             runner,
             self.tokenizer,
-            _stop_token_ids(self.tokenizer, self.model_dir),
+            _stop_token_ids(self.tokenizer, model_dir),
             max_running=self.max_running,
             prefill_token_budget=self.prefill_token_budget,
         )

@@ -42,10 +42,10 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def engine_factory(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
     engines: list[LocalEngine] = []
 
-    def make(**kw: object) -> LocalEngine:
+    def make(model_dir: object = tiny_model_dir, **kw: object) -> LocalEngine:
         options: dict[str, object] = {"dtype": "float32", "max_model_len": 256, "threads": 1}
         options.update(kw)
-        engine = LocalEngine(NAME, tiny_model_dir, **options)  # type: ignore[arg-type]
+        engine = LocalEngine(NAME, model_dir, **options)  # type: ignore[arg-type]
         engine.start()
         engines.append(engine)
         return engine
@@ -207,10 +207,14 @@ def test_the_model_and_adapters_load_on_the_engine_thread(  # type: ignore[no-un
 
     monkeypatch.setattr(finetune.base_model, "load_model", spy(finetune.base_model.load_model))
     monkeypatch.setattr(local.LoraAdapter, "load", spy(local.LoraAdapter.load))
-    engine = engine_factory()
+    prepare = spy(
+        lambda: tiny_model_dir
+    )  # as build_engine passes finetune.base_model.prepare (a GGUF converts)
+    engine = engine_factory(model_dir=prepare)
+    assert engine.model_dir == tiny_model_dir
     save_peft_adapter(LlamaForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter", seed=1)
     engine.add_adapter("ft", tmp_path / "adapter")
-    assert loaded_on == ["engine", "engine"]
+    assert loaded_on == ["engine", "engine", "engine"]
     tuned = GenerationRequest(
         request_id="t", model=NAME, prompt="Hello", adapter="ft", sampling=SamplingParams(max_tokens=4)
     )
