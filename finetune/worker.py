@@ -11,7 +11,8 @@ with the gateway, here or on another machine, and talks to it only through the s
               `...:ckpt-step-N` models, success -> the final adapter, a metrics CSV, `fine_tuned_model`
     resume    a job whose worker was killed restarts from the trainer's latest complete checkpoint in the
               job's work dir; after MAX_ATTEMPTS interruptions it fails with a message saying so
-    shutdown  SIGTERM/SIGINT stop training at the next step and hand the job back to the queue, work dir kept
+    shutdown  SIGTERM/SIGINT stop training at the next step and hand the job back to the queue, work dir kept;
+              a second signal exits at once (the job resumes from its checkpoint once its lease runs out)
 
 This module is the loop and how each job ends; the parts have modules of their own:
     finetune.lease         the worker id (a slot per host) and the heartbeat that keeps a job's lease
@@ -243,11 +244,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _run_until_signalled(loop: Callable[[], object], shutdown: threading.Event) -> None:
-    """Run `loop` on a thread of its own while this (main) thread waits for a stop signal and sets
-    `shutdown`.  Not a signal handler: one runs between two bytecodes of the interrupted main thread, and
-    `Event.set()` there deadlocks forever when that thread was inside `Event.wait()` holding the event's
-    lock (a worker hung on SIGTERM in CI that way).  `sigtimedwait` takes the signal as an ordinary call."""
+def _run_until_signalled(
+    loop: Callable[[], object], shutdown: threading.Event, exit_now: Callable[[int], object] = os._exit
+) -> None:
+    """Run `loop` on a thread of its own while this (main) thread waits for stop signals.  The first sets
+    `shutdown` (training stops at its next step and hands the job back); a second exits at once with
+    128 + the signal, leaving the job to resume from its checkpoint when its lease runs out.
+
+    Not a signal handler: one runs between two bytecodes of the interrupted main thread, and `Event.set()`
+    there deadlocks forever when that thread was inside `Event.wait()` holding the event's lock (a worker
+    hung on SIGTERM in CI that way).  `sigtimedwait` takes the signal as an ordinary call."""
     failure: list[BaseException] = []
 
     def run() -> None:
@@ -259,9 +265,15 @@ def _run_until_signalled(loop: Callable[[], object], shutdown: threading.Event) 
     thread = threading.Thread(target=run, name="worker-loop")
     thread.start()
     while thread.is_alive():
-        if signal.sigtimedwait(_STOP_SIGNALS, 0.5) is not None:  # the timeout only notices the loop's end
-            shutdown.set()  # training stops at its next step; a second signal would change nothing
-            break
+        received = signal.sigtimedwait(_STOP_SIGNALS, 0.5)  # the timeout only notices the loop's end
+        if received is None:
+            continue
+        if shutdown.is_set():
+            log.warning("worker.exit_now", signal=received.si_signo)
+            exit_now(128 + received.si_signo)
+            return
+        log.info("worker.stopping", signal=received.si_signo)
+        shutdown.set()
     thread.join()
     if failure:
         raise failure[0]

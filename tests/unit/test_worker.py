@@ -469,6 +469,25 @@ def test_a_stop_signal_ends_a_loop_that_waits_on_the_shutdown_event() -> None:
 
 
 @pytest.mark.usefixtures("stop_signals_blocked")
+def test_a_second_signal_exits_at_once() -> None:
+    shutdown, step_done = threading.Event(), threading.Event()
+    exits: list[int] = []
+
+    def slow_step() -> None:  # a training step that will not notice `shutdown` for a long while
+        step_done.wait(30)
+
+    def exit_now(code: int) -> None:
+        exits.append(code)
+        step_done.set()  # os._exit would end the process here; the test lets the thread end instead
+
+    main = threading.main_thread().ident
+    threading.Timer(0.01, signal.pthread_kill, (main, signal.SIGTERM)).start()
+    threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT)).start()
+    _run_until_signalled(slow_step, shutdown, exit_now)
+    assert shutdown.is_set() and exits == [128 + signal.SIGINT]
+
+
+@pytest.mark.usefixtures("stop_signals_blocked")
 def test_a_loop_that_fails_fails_the_worker_process() -> None:
     def loop() -> None:
         raise RuntimeError("the store is gone")
