@@ -315,12 +315,13 @@ class ModelRunner:
         else:
             keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
         rows, group = q.shape[0], self.n_heads // self.n_kv_heads
-        if rows == 1:  # a lone row sees its whole prefix: no mask, and SDPA is one call (fewest ops)
+        if rows == 1 and length <= _SHORT_CONTEXT:  # no mask needed, and one SDPA call is fewest ops
             gqa = self.n_kv_heads != self.n_heads
             return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=gqa).squeeze(2)
-        # Rows of different lengths: fp32 batched matmuls over the grouped heads (head h reads KV head
-        # h // group, as transformers' repeat_kv does) never expand the KV heads and beat CPU SDPA with a
-        # mask: per decode step, 8 rows at ~40 tokens of context 36 -> 27 ms, at ~1500 tokens 225 -> 88 ms.
+        # fp32 batched matmuls over the grouped heads (head h reads KV head h // group, as transformers'
+        # repeat_kv does) never expand the KV heads and beat CPU SDPA, per decode step on the default model:
+        # 8 rows (with a mask) at ~40 tokens of context 36 -> 27 ms, at ~1500 tokens 225 -> 88 ms; one row
+        # at ~300 tokens 19.9 -> 14.3 ms, at ~1500 tokens 38 -> 24 ms (at ~60 tokens SDPA wins, 14 vs 18 ms).
         grouped = q.view(rows, self.n_kv_heads, group, self.head_dim)
         scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5 + bias
         probs = torch.softmax(scores, dim=-1)
@@ -341,6 +342,9 @@ class ModelRunner:
             mask = torch.arange(stop, device=self.device).unsqueeze(0) <= rows
             out = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=gqa)
         return out[0].transpose(0, 1)
+
+
+_SHORT_CONTEXT = 128  # a lone decode row up to this many tokens of context uses SDPA (measured crossover)
 
 
 def _linear(x: torch.Tensor, layer: _Layer, name: str, compact: bool) -> torch.Tensor:

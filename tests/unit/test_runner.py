@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from gateway.engine.lora import AdapterError, LoraAdapter
-from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
+from gateway.engine.runner import _SHORT_CONTEXT, ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
 from tests.unit.tiny_models import save_peft_adapter, tiny_llama_config
 
 torch.manual_seed(0)
@@ -34,6 +34,22 @@ def test_prefill_then_decode_matches_transformers() -> None:
     logits = runner.step(StepBatch(prefills=[PrefillSegment(slot=0, start=0, token_ids=ids[:4])]))
     torch.testing.assert_close(logits[0], ref[3], atol=1e-4, rtol=1e-4)
     for pos in (4, 5):
+        logits = runner.step(
+            StepBatch(
+                decode_slots=[0], decode_tokens=[ids[pos]], decode_positions=[pos], decode_adapters=[None]
+            )
+        )
+        torch.testing.assert_close(logits[0], ref[pos], atol=1e-4, rtol=1e-4)
+
+
+def test_a_lone_row_past_the_short_context_decodes_like_transformers() -> None:
+    """Past _SHORT_CONTEXT a lone decode row takes the batched-matmul attention instead of SDPA."""
+    model = tiny_llama()
+    runner = ModelRunner(model, max_slots=2, max_model_len=256)
+    ids = [(7 * i) % 120 + 1 for i in range(_SHORT_CONTEXT + 8)]
+    ref = reference_logits(model, ids)
+    runner.step(StepBatch(prefills=[PrefillSegment(slot=0, start=0, token_ids=ids[:-2])]))
+    for pos in (len(ids) - 2, len(ids) - 1):
         logits = runner.step(
             StepBatch(
                 decode_slots=[0], decode_tokens=[ids[pos]], decode_positions=[pos], decode_adapters=[None]
