@@ -82,6 +82,8 @@ class EngineStats:
     adapters: int
     max_running: int
     max_queued: int
+    restarts: int = 0  # times the engine rebuilt itself after repeated failures
+    failed_steps: int = 0  # engine steps that failed (their requests got a 500)
 
 
 class GenerationStream(Protocol):
@@ -112,6 +114,10 @@ class Engine(Protocol):
     def stats(self) -> EngineStats: ...
 
     def is_ready(self) -> bool: ...
+
+    def is_failed(self) -> bool:
+        """True once the engine gave up (it could not rebuild itself): the process should exit."""
+        ...
 
     def start(self) -> None: ...
 

@@ -9,6 +9,7 @@ deltas; adapters are loaded on the engine thread too, between steps, and referen
 from __future__ import annotations
 
 import asyncio
+import gc
 import itertools
 import threading
 import time
@@ -43,6 +44,9 @@ __all__ = ["LocalEngine"]
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
+
+REBUILD_ATTEMPTS = 3
+REBUILD_BACKOFF_SECONDS = 1.0
 
 
 class _Stream:
@@ -116,6 +120,8 @@ class LocalEngine:
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._failed: BaseException | None = None
+        self.restarts = 0  # runners rebuilt after repeated failed steps
+        self._num_layers = 0
         self._ids = itertools.count()
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -124,10 +130,10 @@ class LocalEngine:
         """Start the engine thread; it loads the model (about a second for a converted model), then runs the
         scheduler.  Returns once the engine serves; raises what loading raised."""
         started = time.perf_counter()
-        booted: Future[Scheduler] = Future()
+        booted: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(booted,), name="engine", daemon=True)
         self._thread.start()
-        self._scheduler = booted.result()
+        booted.result()
         self._ready.set()
         log.info(
             "engine.started",
@@ -137,47 +143,97 @@ class LocalEngine:
             seconds=round(time.perf_counter() - started, 2),
         )
 
-    def _run(self, booted: Future[Scheduler]) -> None:
+    def _run(self, booted: Future[None]) -> None:
         """The engine thread's body.  Every torch op of the serving process runs on this thread, loading
         included: libgomp gives each thread that runs a parallel op a pool of its own, and once a process
         holds more pool threads than cores it stops spinning between parallel regions, which made each
-        decode step 1.5x slower on 2 cores (13.5 -> 21 ms measured)."""
+        decode step 1.5x slower on 2 cores (13.5 -> 21 ms measured).  For the same reason a runner that has
+        to be rebuilt is rebuilt here, not on a new thread."""
         try:
-            scheduler = self._load()
+            scheduler = self._scheduler = self._boot()
         except BaseException as exc:
             booted.set_exception(exc)
             return
-        booted.set_result(scheduler)
-        scheduler.run()
+        booted.set_result(None)
+        try:
+            while not scheduler.run():
+                if not self._rebuild(scheduler):
+                    return
+        except BaseException as exc:  # the loop itself broke: never leave callers waiting on a dead thread
+            self._give_up(scheduler, exc)
 
-    def _load(self) -> Scheduler:
-        from finetune.base_model import load_model, load_tokenizer
+    def _boot(self) -> Scheduler:
+        from finetune.base_model import load_tokenizer
 
         if self.threads:
             torch.set_num_threads(self.threads)
         source = self._model_source
         model_dir = self.model_dir = source if isinstance(source, Path) else source()
         self.tokenizer = load_tokenizer(model_dir)
-        model = load_model(model_dir, dtype="float32")
-        context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
-        self.max_model_len = min(self.requested_model_len, int(context))
-        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, model_dir)
-        runner = ModelRunner(
-            model,
-            max_slots=self.max_running,
-            max_model_len=self.max_model_len,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            quantized_max_rows=self.quantized_max_rows,
-        )
-        del model  # the runner keeps its own (fused, possibly bf16) copies of the weights
         return Scheduler(
-            runner,
+            self._build_runner(model_dir),
             self.tokenizer,
             _stop_token_ids(self.tokenizer, model_dir),
             max_running=self.max_running,
             prefill_token_budget=self.prefill_token_budget,
         )
+
+    def _build_runner(self, model_dir: Path) -> ModelRunner:
+        from finetune.base_model import load_model
+
+        model = load_model(model_dir, dtype="float32")  # outside inference mode: it makes nn.Parameters
+        context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
+        self.max_model_len = min(self.requested_model_len, int(context))
+        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, model_dir)
+        with torch.inference_mode():  # the runner's tensors are the engine's: see scheduler.py
+            runner = ModelRunner(
+                model,
+                max_slots=self.max_running,
+                max_model_len=self.max_model_len,
+                dtype=self.dtype,
+                quantization=self.quantization,
+                quantized_max_rows=self.quantized_max_rows,
+            )
+        del model  # the runner keeps its own (fused, possibly bf16) copies of the weights
+        self._num_layers = len(runner.layers)
+        return runner
+
+    def _rebuild(self, scheduler: Scheduler) -> bool:
+        """Steps kept failing: load the model into a new runner, a few tries with backoff.  The queues and
+        the loaded adapters (read-only tensors) are kept, so waiting requests are served once it is back.
+        False when every try failed: the engine gives up (see `is_failed`)."""
+        self._ready.clear()  # /readyz answers 503 meanwhile; requests still queue
+        scheduler.runner = None
+        gc.collect()
+        error: BaseException | None = None
+        for attempt in range(REBUILD_ATTEMPTS):
+            if attempt:
+                time.sleep(REBUILD_BACKOFF_SECONDS * 2 ** (attempt - 1))
+            started = time.perf_counter()
+            try:
+                assert self.model_dir is not None
+                scheduler.runner = self._build_runner(self.model_dir)
+            except Exception as exc:
+                error = exc
+                log.error("engine.rebuild_failed", attempt=attempt + 1, error_type=type(exc).__name__)
+                continue
+            self.restarts += 1
+            self._ready.set()
+            log.warning(
+                "engine.rebuilt",
+                model=self.model_name,
+                restarts=self.restarts,
+                seconds=round(time.perf_counter() - started, 2),
+            )
+            return True
+        self._give_up(scheduler, error or RuntimeError("rebuild failed"))
+        return False
+
+    def _give_up(self, scheduler: Scheduler, exc: BaseException) -> None:
+        log.critical("engine.failed", model=self.model_name, error_type=type(exc).__name__)
+        self._failed = exc
+        self._ready.clear()
+        scheduler.close(EngineUnavailable("the engine stopped after repeated failures; retry shortly"))
 
     def shutdown(self) -> None:
         if self._thread is not None and self._scheduler is not None:
@@ -187,8 +243,15 @@ class LocalEngine:
         self._ready.clear()
 
     def is_ready(self) -> bool:
+        return self._ready.is_set() and self._accepting()
+
+    def is_failed(self) -> bool:
+        return self._failed is not None
+
+    def _accepting(self) -> bool:
+        """Requests may queue: the thread runs and has not given up (it may be rebuilding the runner)."""
         return (
-            self._ready.is_set()
+            self._scheduler is not None
             and self._failed is None
             and self._thread is not None
             and self._thread.is_alive()
@@ -201,6 +264,8 @@ class LocalEngine:
             adapters=len(self._adapters),
             max_running=self.max_running,
             max_queued=self.max_queued,
+            restarts=self.restarts,
+            failed_steps=self._scheduler.failed_steps if self._scheduler else 0,
         )
 
     # -- adapters ----------------------------------------------------------------------------------------
@@ -209,7 +274,7 @@ class LocalEngine:
         """Load a peft adapter; in-flight sequences keep the adapter objects they started with."""
         if self._scheduler is None:
             raise EngineUnavailable("the engine is not started")
-        layers = len(self._scheduler.runner.layers)
+        layers = self._num_layers
         adapter = self._on_engine_thread(
             lambda: LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype)
         )
@@ -229,7 +294,7 @@ class LocalEngine:
             try:
                 return result.result(timeout=1.0)
             except FutureTimeout:
-                if not self.is_ready():  # stopped before it got to the call
+                if not self._accepting():  # stopped before it got to the call
                     raise EngineUnavailable("the engine stopped") from None
 
     def remove_adapter(self, name: str) -> None:
@@ -256,7 +321,7 @@ class LocalEngine:
         return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
 
     async def submit(self, request: GenerationRequest) -> _Stream:
-        if not self.is_ready():
+        if not self._accepting():
             raise EngineUnavailable("the engine is not ready; retry shortly")
         if request.model != self.model_name:
             raise NotFound(
@@ -290,7 +355,7 @@ class LocalEngine:
             )
         if request.n > self.max_running:
             raise InvalidRequest(f"n must be at most {self.max_running} on this server", param="n")
-        assert self._scheduler is not None  # is_ready() said so
+        assert self._scheduler is not None  # _accepting() said so
         group = Group(
             request_id=f"{request.request_id}-{next(self._ids)}",
             prompt=prompt,

@@ -144,6 +144,10 @@ class ModelRunner:
 
     # -- KV cache ------------------------------------------------------------------------------------
 
+    # Every method that creates or updates the cache runs in inference mode whoever calls it, so the cache
+    # is always made of inference tensors and is only ever updated where that is allowed (scheduler.py).
+
+    @torch.inference_mode()
     def _grow(self, capacity: int) -> None:
         capacity = min(max(capacity, self.capacity), self.max_model_len)
         if capacity == self.capacity:
@@ -163,6 +167,7 @@ class ModelRunner:
                 target *= 2
             self._grow(target)
 
+    @torch.inference_mode()
     def move_slot(self, src: int, dst: int, length: int) -> None:
         """Copy a sequence's cache to another slot (the engine keeps running slots dense)."""
         for cache in self.k_cache + self.v_cache:

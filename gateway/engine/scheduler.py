@@ -6,6 +6,15 @@ push deltas to each request's asyncio queue.  A request joins the running batch 
 finishes or is aborted frees its slot at once; slots are kept dense by moving the last one into the hole.
 Only this thread touches the runner and the sequences; other threads talk to it through `commands` (add,
 abort, stop, and `call`: run a function here, as LocalEngine does to load adapters).
+
+Every tensor the engine owns (weights, KV cache, adapters) is created and mutated on this thread under
+`torch.inference_mode()`: a tensor made in inference mode cannot be updated in place outside it, and a KV
+cache that grew inside a step but was compacted outside it once took the engine down for good.
+
+Failures: a step that raises fails the requests that were running (a 500 naming no internals) and drops the
+running batch; waiting requests stay queued and the engine goes on.  Recovery cannot raise.  After
+MAX_FAILED_STEPS failures in a row `run()` returns False: the runner is suspect and LocalEngine rebuilds it
+on this same thread, keeping the queues, so no request accepted meanwhile is lost.
 """
 
 from __future__ import annotations
@@ -29,9 +38,12 @@ from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch
 from gateway.engine.sampling import SequenceSampler, sample_batch
 from gateway.errors import EngineFailure, EngineUnavailable, GatewayError
 
-__all__ = ["Group", "Scheduler", "Sequence"]
+__all__ = ["MAX_FAILED_STEPS", "Group", "Scheduler", "Sequence"]
 
 log = structlog.get_logger(__name__)
+
+MAX_FAILED_STEPS = 3  # failed steps in a row before the runner is rebuilt
+STEP_FAILED = "the engine failed while generating; the request was aborted"
 
 
 @dataclass
@@ -81,7 +93,7 @@ class Scheduler:
         max_running: int,
         prefill_token_budget: int,
     ) -> None:
-        self.runner = runner
+        self.runner: ModelRunner | None = runner  # None only while LocalEngine rebuilds it
         self.tokenizer = tokenizer
         self.stop_ids = stop_ids
         self.max_running = max_running
@@ -92,6 +104,9 @@ class Scheduler:
         self._groups: dict[str, Group] = {}
         self.queued = 0  # submitted, not yet admitted (the engine's back-pressure count)
         self._queued_lock = threading.Lock()
+        self._closed = False  # set under _queued_lock once nothing will drain the commands any more
+        self.failed_steps = 0  # since start, for metrics
+        self._failures_in_a_row = 0
 
     @property
     def running(self) -> int:
@@ -100,10 +115,12 @@ class Scheduler:
     def enqueue(self, group: Group, *, max_queued: int) -> bool:
         """Queue a request for the thread; False when `max_queued` requests are waiting already."""
         with self._queued_lock:
+            if self._closed:
+                raise EngineUnavailable("the engine is not running; retry shortly")
             if self.queued >= max_queued:
                 return False
             self.queued += 1
-        self._commands.put(("add", group))
+            self._commands.put(("add", group))  # under the lock: close() drains whatever got in before it
         return True
 
     def abort(self, request_id: str) -> None:
@@ -116,19 +133,29 @@ class Scheduler:
         """Run `fn` on the engine thread between two steps; its value or exception lands in `result`."""
         self._commands.put(("call", (fn, result)))
 
-    def run(self) -> None:
-        torch.set_grad_enabled(False)
-        while True:
-            idle = not self._running and not self._waiting
-            try:
-                if not self._drain(block=idle):
-                    return
-                self._admit()
-                if self._running:
-                    self._step()
-            except Exception as exc:  # keep serving: fail what was in flight, reset, go on
-                log.error("engine.step_failed", error_type=type(exc).__name__)
-                self._fail_all(EngineFailure("the engine failed while generating; the request was aborted"))
+    def run(self) -> bool:
+        """The engine thread's loop.  True when told to stop; False when steps keep failing and the runner
+        must be rebuilt (the queues are kept: call `run()` again with a new `runner`)."""
+        self._failures_in_a_row = 0
+        with torch.inference_mode():
+            while True:
+                try:
+                    idle = not self._running and not self._waiting
+                    if not self._drain(block=idle):
+                        return True
+                    self._admit()
+                    if self._running:
+                        self._step()
+                        self._failures_in_a_row = 0
+                except Exception as exc:  # keep serving: fail what was running, drop it, go on
+                    self.failed_steps += 1
+                    self._failures_in_a_row += 1
+                    log.error(
+                        "engine.step_failed", error_type=type(exc).__name__, in_a_row=self._failures_in_a_row
+                    )
+                    self._fail_running(EngineFailure(STEP_FAILED))
+                    if self._failures_in_a_row >= MAX_FAILED_STEPS:
+                        return False
 
     def _drain(self, *, block: bool) -> bool:
         while True:
@@ -138,7 +165,7 @@ class Scheduler:
                 return True
             block = False
             if kind == "stop":
-                self._fail_all(EngineUnavailable("the engine is shutting down"))
+                self.close(EngineUnavailable("the engine is shutting down"))
                 return False
             if kind == "add":
                 self._waiting.append(payload)
@@ -277,11 +304,44 @@ class Scheduler:
             last.slot = hole
             self._running[hole] = last
 
-    def _fail_all(self, error: GatewayError) -> None:
-        for group in list(self._groups.values()):
-            group.send(error)
-            self._finish_group(group)
+    def _fail_running(self, error: GatewayError) -> None:
+        """Fail every running request and empty the batch without touching the runner (its state is
+        suspect after a failed step; the freed slots are simply reused).  Never raises."""
+        failed = {id(seq.group): seq.group for seq in self._running}
+        self._running = []
+        for group in failed.values():
+            for seq in group.sequences:
+                seq.done, seq.slot = True, -1
+            self._groups.pop(group.request_id, None)
+            _send_quietly(group, error)
+
+    def close(self, error: GatewayError) -> None:
+        """Fail everything held or still in the command queue and refuse new requests (shutdown, or an
+        engine that could not be rebuilt).  Never raises."""
+        with self._queued_lock:
+            self._closed = True
+        self._fail_running(error)
+        pending = list(self._waiting)
         self._waiting.clear()
-        self._running.clear()
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                pending.append(payload)
+            elif kind == "call":
+                payload[1].set_exception(EngineUnavailable("the engine stopped"))
+        for group in pending:
+            self._groups.pop(group.request_id, None)
+            _send_quietly(group, error)
+        self._groups.clear()
         with self._queued_lock:
             self.queued = 0
+
+
+def _send_quietly(group: Group, error: GatewayError) -> None:
+    try:
+        group.send(error)
+    except Exception as exc:  # recovery must not raise; the caller's loop is gone or closing
+        log.warning("engine.notify_failed", error_type=type(exc).__name__)

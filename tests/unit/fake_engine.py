@@ -59,6 +59,9 @@ class FakeEngine:
     def is_ready(self) -> bool:
         return True
 
+    def is_failed(self) -> bool:
+        return False
+
     def start(self) -> None:
         pass
 

@@ -12,71 +12,14 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from finetune.base_model import embedded_gguf
-from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
+from gateway.engine.base import GenerationRequest, SamplingParams
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local import LocalEngine
 from gateway.engine.lora import AdapterError
 from gateway.engine.sampling import SequenceSampler, sample_batch
 from gateway.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
-from tests.unit.tiny_models import save_peft_adapter, tiny_llama_config
-
-NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("tiny-model")
-    gguf = embedded_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = tiny_llama_config(
-        len(tokenizer), max_position_embeddings=512, eos_token_id=tokenizer.eos_token_id
-    )
-    LlamaForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
-
-
-@pytest.fixture
-def engine_factory(tiny_model_dir: Path):  # type: ignore[no-untyped-def]
-    engines: list[LocalEngine] = []
-
-    def make(model_dir: object = tiny_model_dir, **kw: object) -> LocalEngine:
-        options: dict[str, object] = {"dtype": "float32", "max_model_len": 256, "threads": 1}
-        options.update(kw)
-        engine = LocalEngine(NAME, model_dir, **options)  # type: ignore[arg-type]
-        engine.start()
-        engines.append(engine)
-        return engine
-
-    yield make
-    for engine in engines:
-        engine.shutdown()
-
-
-def request(text: str = "Hello there", **sampling: object) -> GenerationRequest:
-    n = int(sampling.pop("n", 1))  # type: ignore[call-overload]
-    return GenerationRequest(
-        request_id="t",
-        model=NAME,
-        messages=(ChatMessage("user", text),),
-        sampling=SamplingParams(**sampling),
-        n=n,
-    )  # type: ignore[arg-type]
-
-
-async def collect(engine: LocalEngine, req: GenerationRequest) -> tuple[dict[int, str], dict[int, str], int]:
-    stream = await engine.submit(req)
-    texts: dict[int, str] = {}
-    finish: dict[int, str] = {}
-    tokens = 0
-    async for delta in stream:
-        texts[delta.index] = texts.get(delta.index, "") + delta.text
-        tokens += delta.token_count
-        if delta.finish_reason:
-            finish[delta.index] = delta.finish_reason
-    return texts, finish, tokens
+from tests.unit.tiny_engine import NAME, collect, request
+from tests.unit.tiny_models import save_peft_adapter
 
 
 def test_greedy_length_and_usage(engine_factory) -> None:  # type: ignore[no-untyped-def]

@@ -19,6 +19,7 @@ from gateway.auth.tokens import mint_dev_token
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.metrics import GatewayMetrics
 from gateway.settings import AuthSettings, LimitSettings, Settings
+from tests.unit import fake_engine
 from tests.unit.peer import REMOTE, Peer
 
 MODEL = "smollm2-135m-instruct"
@@ -44,19 +45,15 @@ class FakeStream:
         return None
 
 
-class FakeEngine:
-    model_name = MODEL
-    max_model_len = 2048
+class FakeEngine(fake_engine.FakeEngine):
+    """The shared fake with fixed load figures and a reply that must never reach a metric."""
 
     def __init__(self) -> None:
+        super().__init__(MODEL)
         self.running, self.queued, self.adapters = 3, 1, 2
 
-    async def submit(self, request: GenerationRequest) -> FakeStream:
+    async def submit(self, request: GenerationRequest) -> FakeStream:  # type: ignore[override]
         return FakeStream(prompt_tokens=7, pieces=[SECRET_REPLY, " and", " more"])
-
-    def add_adapter(self, name: str, path: Path) -> None: ...
-
-    def remove_adapter(self, name: str) -> None: ...
 
     def has_adapter(self, name: str) -> bool:
         return True
@@ -65,13 +62,6 @@ class FakeEngine:
         return EngineStats(
             running=self.running, queued=self.queued, adapters=self.adapters, max_running=16, max_queued=64
         )
-
-    def is_ready(self) -> bool:
-        return True
-
-    def start(self) -> None: ...
-
-    def shutdown(self) -> None: ...
 
 
 def _settings(tmp_path: Path, *, access: str, requests_per_minute: int = 600) -> Settings:
