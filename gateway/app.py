@@ -40,6 +40,7 @@ from gateway.serving.chat import ChatService
 from gateway.serving.finetuned import FineTuningServices
 from gateway.serving.registry import ModelRegistry
 from gateway.settings import Settings
+from gateway.worker_supervisor import WorkerSupervisor
 
 __all__ = ["build_engine", "create_app"]
 
@@ -81,9 +82,13 @@ def create_app(
     *,
     engines: dict[str, Engine] | None = None,
     engine_factory: EngineFactory | None = None,
+    worker: WorkerSupervisor | None = None,
+    on_engine_failed: Callable[[], None] | None = None,
 ) -> ASGIApp:
     """`engines` lets tests inject ready engines; otherwise the default base model's engine is started in
-    the background and other base models start on first use."""
+    the background and other base models start on first use.  `worker`: the fine-tuning worker process to
+    keep running while the app runs.  `on_engine_failed` is called once when an engine gave up (it could not
+    rebuild itself): `gateway serve` then exits non-zero so systemd or the container runtime restarts it."""
     data_dir = ensure_private_dir(settings.data_path)
     factory = engine_factory or (lambda name: build_engine(settings, name))
     audit_log = open_audit_log(settings)
@@ -93,7 +98,7 @@ def create_app(
     state = State()
     cipher = cipher_from_settings(settings)
     fine_tuning = FineTuningServices(settings, registry, cipher)  # the store, files, jobs, hot-load bridge
-    metrics = GatewayMetrics(engines=registry.engines, store=lambda: state.get("store"))
+    metrics = GatewayMetrics(engines=registry.engines, store=lambda: state.get("store"), worker=worker)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -101,10 +106,16 @@ def create_app(
             task = asyncio.create_task(_start_default(registry, settings.models.default))
             background.add(task)
             task.add_done_callback(background.discard)
+        watch = asyncio.create_task(_watch_engines(registry, on_engine_failed))
         await fine_tuning.start()
+        if worker is not None:
+            worker.start()
         try:
             yield
         finally:
+            watch.cancel()
+            if worker is not None:
+                await worker.stop()
             await fine_tuning.close()
             for engine in registry.engines():
                 await asyncio.to_thread(engine.shutdown)
@@ -124,6 +135,7 @@ def create_app(
             "cipher": cipher,
             "store": fine_tuning.store,
             "model_remover": fine_tuning.models.remove,
+            "worker": worker,
         }
     )
     config = AppConfig(
@@ -153,6 +165,18 @@ def create_app(
     )
     app = Litestar.from_config(config)
     return AuditMiddleware(app, audit_log, append=metrics.observing(audit_log.append))
+
+
+async def _watch_engines(registry: ModelRegistry, on_failed: Callable[[], None] | None) -> None:
+    """Once an engine has given up, /readyz stays 503 and the process should be restarted."""
+    while True:
+        await asyncio.sleep(1.0)
+        failed = [engine.model_name for engine in registry.engines() if engine.is_failed()]
+        if failed:
+            log.critical("gateway.engine_failed", models=failed)
+            if on_failed is not None:
+                on_failed()
+            return
 
 
 async def _start_default(registry: ModelRegistry, name: str) -> None:

@@ -17,7 +17,6 @@ import argparse
 import contextlib
 import fcntl
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,6 +26,7 @@ from jwt import PyJWTError
 from gateway.audit.log import AuditChainBroken, AuditLogBusy
 from gateway.private_files import ensure_private_dir, restrict_umask
 from gateway.settings import Settings, iter_fields, load_settings
+from gateway.worker_supervisor import WorkerSupervisor
 
 __all__ = ["main"]
 
@@ -64,20 +64,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     guard = install_from_settings(settings)
     ensure_private_dir(settings.data_path)
     ensure_dev_keys(settings)
-    server = settings.server
-    tls = {} if server.plain_http else {"ssl_certfile": server.tls_cert, "ssl_keyfile": server.tls_key}
-    if not server.plain_http:
-        for path in (server.tls_cert, server.tls_key):
+    server_settings = settings.server
+    tls = (
+        {}
+        if server_settings.plain_http
+        else {"ssl_certfile": server_settings.tls_cert, "ssl_keyfile": server_settings.tls_key}
+    )
+    if not server_settings.plain_http:
+        for path in (server_settings.tls_cert, server_settings.tls_key):
             if not Path(path).is_file():
                 print(
                     f"TLS file {path} is missing: run `make certs` (or set server.plain_http behind a proxy)",
                     file=sys.stderr,
                 )
                 return 2
+    engine_failed = False
+    server: uvicorn.Server | None = None
+
+    def on_engine_failed() -> None:  # exit non-zero so systemd / the container runtime restarts us
+        nonlocal engine_failed
+        engine_failed = True
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, worker=_worker_supervisor(args, settings), on_engine_failed=on_engine_failed)
     config = uvicorn.Config(
-        create_app(settings),
-        host=server.host,
-        port=server.port,
+        app,
+        host=server_settings.host,
+        port=server_settings.port,
         log_config=None,
         access_log=False,  # the audit log records every request; access logs would duplicate it
         server_header=False,
@@ -89,28 +103,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config.load()
     if config.ssl is not None:
         config.ssl.minimum_version = ssl.TLSVersion.TLSv1_2
-    worker = _start_worker(args, settings)
-    try:
-        uvicorn.Server(config).run()
-    finally:
-        if worker is not None:
-            _stop_worker(worker)
+    server = uvicorn.Server(config)
+    server.run()
+    if engine_failed:
+        print("gateway: the engine failed and could not be rebuilt; exiting to be restarted", file=sys.stderr)
+        return 1
     return 0
 
 
-def _stop_worker(worker: subprocess.Popen[bytes]) -> None:
-    """SIGTERM lets the worker hand its job back (it resumes from the last checkpoint); kill if it hangs."""
-    worker.terminate()
-    try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
-
-
-def _start_worker(args: argparse.Namespace, settings: Settings) -> subprocess.Popen[bytes] | None:
+def _worker_supervisor(args: argparse.Namespace, settings: Settings) -> WorkerSupervisor | None:
     """The fine-tuning worker runs as its own process: it owns the training device, and a crash there never
-    takes the gateway down."""
+    takes the gateway down.  The supervisor starts it with the app and restarts it when it dies."""
     if not settings.finetune.run_worker or args.no_worker:
         return None
     try:
@@ -120,7 +123,7 @@ def _start_worker(args: argparse.Namespace, settings: Settings) -> subprocess.Po
     command = [sys.executable, "-m", "finetune.worker"]
     if args.config:
         command += ["--config", args.config]
-    return subprocess.Popen(command)
+    return WorkerSupervisor(command)
 
 
 def cmd_token(args: argparse.Namespace) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -49,7 +49,7 @@ class _EngineCollector(Collector):
         self._engines = engines
 
     def collect(self) -> Iterator[Metric]:
-        families = {
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
             "running": GaugeMetricFamily(
                 "gateway_engine_running_sequences", "Sequences being decoded now.", labels=["model"]
             ),
@@ -68,6 +68,16 @@ class _EngineCollector(Collector):
             ),
             "adapters": GaugeMetricFamily(
                 "gateway_engine_loaded_adapters", "LoRA adapters loaded in the engine now.", labels=["model"]
+            ),
+            "failed_steps": CounterMetricFamily(
+                "gateway_engine_failed_steps",
+                "Engine steps that failed; their requests got a 500 and the engine went on.",
+                labels=["model"],
+            ),
+            "restarts": CounterMetricFamily(
+                "gateway_engine_restarts",
+                "Times the engine rebuilt its model runner after failed steps in a row.",
+                labels=["model"],
             ),
         }
         for engine in list(self._engines()):
@@ -114,6 +124,25 @@ class _FinetuneCollector(Collector):
         )
 
 
+class _WorkerCollector(Collector):
+    """Whether the fine-tuning worker `gateway serve` runs is up, and how often it was restarted."""
+
+    def __init__(self, worker: Any) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        yield GaugeMetricFamily(
+            "gateway_finetune_worker_up",
+            "1 while the fine-tuning worker process this gateway runs is alive, 0 while it is down.",
+            value=1.0 if self._worker.up else 0.0,
+        )
+        yield CounterMetricFamily(
+            "gateway_finetune_worker_restarts",
+            "Times the fine-tuning worker process was started again after it exited.",
+            value=float(self._worker.restarts),
+        )
+
+
 _JOBS_BY_STATUS = "SELECT status, COUNT(*) AS n FROM jobs GROUP BY status"
 _LATEST_RUNNING_METRICS = (
     "SELECT data FROM job_events WHERE seq IN ("
@@ -136,8 +165,10 @@ class GatewayMetrics:
         *,
         engines: Callable[[], Iterable[Engine]] = tuple,
         store: Callable[[], Any] | None = None,
+        worker: Any = None,
         process: bool = True,
     ) -> None:
+        """`worker`: the WorkerSupervisor of the worker process this gateway runs (None: it runs none)."""
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
@@ -169,6 +200,8 @@ class GatewayMetrics:
         r.register(_EngineCollector(engines))
         if store is not None:
             r.register(_FinetuneCollector(store))
+        if worker is not None:
+            r.register(_WorkerCollector(worker))
         if process:
             ProcessCollector(registry=r)
             PlatformCollector(registry=r)

@@ -1,4 +1,5 @@
-"""GET /healthz (the process answers) and GET /readyz (model loaded, data dir writable).  No token."""
+"""GET /healthz (the process answers) and GET /readyz (model loaded, data dir writable; the fine-tuning
+worker's state where this gateway runs one).  No token."""
 
 from __future__ import annotations
 
@@ -34,9 +35,12 @@ async def readyz(
     except OSError:
         writable = False
     ready = engine_ready and writable
-    body = {
+    body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "engine": engine_ready,
         "data_dir_writable": writable,
     }
+    worker = request.app.state.get("worker")
+    if worker is not None:  # reported, not required: chat is served while training is down
+        body["worker"] = worker.up
     return Response(body, status_code=200 if ready else 503)

