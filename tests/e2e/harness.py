@@ -132,6 +132,24 @@ class Gateway:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""
 
+    def worker_pid(self) -> int | None:
+        """The fine-tuning worker `gateway serve` started (a child process running finetune.worker)."""
+        assert self.process is not None
+        for task in Path(f"/proc/{self.process.pid}/task").iterdir():
+            for child in (task / "children").read_text().split():
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+                if b"finetune.worker" in cmdline:
+                    return int(child)
+        return None
+
+    def metric(self, name: str) -> float:
+        """One unlabelled (or first-labelled) sample of the loopback /metrics scrape."""
+        with self.client() as http:
+            for line in http.get("/metrics").text.splitlines():
+                if line.startswith(name) and line[len(name)] in " {":
+                    return float(line.rsplit(" ", 1)[1])
+        raise KeyError(name)
+
 
 def running(gateway: Gateway, *args: str) -> Iterator[Gateway]:
     gateway.start(*args)

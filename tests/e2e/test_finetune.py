@@ -10,62 +10,25 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
 from tests.e2e.harness import REPO, Gateway, running
+from tests.e2e.jobs import BASE, LABELS, SCOPES, create_job, events, finance_rows, sdk_client, wait_for
 from tests.spec import validate
 
 # Generous limits: a shared CI machine can be several times slower than an idle one.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
 
-BASE = "smollm2-135m-instruct"
-SCOPES = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
-INSTRUCTION = "分析客户风险等级"
-LABELS = ("低风险", "中等风险", "高风险")
-# Small, fast and still sticky on 2 CPU cores: short rows, a high learning rate, a fixed seed.  24 steps at
-# learning_rate * learning_rate_multiplier = 3e-3 (a multiplier of 2 rather than 1: tests/spec.py reads the
-# spec's OpenAPI-3.0 `exclusiveMinimum: true` as "> 1" under JSON Schema 2020-12).  With this seed the adapter
-# answers every 高风险 row right and tells the classes apart.
-HYPER = {
-    "n_epochs": 3,
-    "batch_size": 4,
-    "learning_rate": 1.5e-3,
-    "learning_rate_multiplier": 2.0,
-    "lora_rank": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.0,
-    "max_seq_length": 128,
-}
-SEED = 1234
 MEASURED: dict[str, float] = {}
-
-
-def finance_rows(n: int = 30) -> list[dict[str, str]]:
-    """Varied customers; the label follows income and debts, so the three classes look different."""
-    rng = random.Random(42)
-    rows = []
-    for i in range(n):
-        label = LABELS[i % 3]
-        age = rng.randint(25, 60)
-        if label == "低风险":
-            detail = f"年收入{rng.randint(60, 120)}万,无负债"
-        elif label == "中等风险":
-            detail = f"年收入{rng.randint(30, 60)}万,有房贷"
-        else:
-            detail = f"年收入{rng.randint(5, 20)}万,有多笔逾期贷款"
-        rows.append({"instruction": INSTRUCTION, "input": f"客户年龄{age}岁,{detail}", "output": label})
-    return rows
 
 
 class WorkerProcess:
@@ -112,11 +75,7 @@ def worker(gateway: Gateway) -> Iterator[WorkerProcess]:
 
 @pytest.fixture(scope="module")
 def client(gateway: Gateway) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=gateway.base_url,
-        api_key=gateway.token(SCOPES),
-        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
-    )
+    return sdk_client(gateway)
 
 
 @pytest.fixture(scope="module")
@@ -149,31 +108,6 @@ def training_file(gateway: Gateway, tmp_path_factory: pytest.TempPathFactory) ->
     return str(body["id"])
 
 
-def wait_for(check: Callable[[], Any], timeout: float, what: str, worker: WorkerProcess | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (result := check()):
-        if time.monotonic() > deadline:
-            logs = worker.logs()[-3000:] if worker else ""
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{logs}")
-        time.sleep(0.2)
-    return result
-
-
-def events(client: openai.OpenAI, job_id: str) -> list[Any]:
-    """Oldest first."""
-    return list(reversed(list(client.fine_tuning.jobs.list_events(job_id, limit=1000))))
-
-
-def create_job(client: openai.OpenAI, training_file: str, **hyper: Any) -> Any:
-    return client.fine_tuning.jobs.create(
-        model=BASE,
-        training_file=training_file,
-        seed=SEED,
-        suffix="risk",
-        method={"type": "supervised", "supervised": {"hyperparameters": {**HYPER, **hyper}}},  # type: ignore[typeddict-unknown-key]
-    )
-
-
 def done_steps(log: list[Any]) -> int:
     return max(e.data["step"] for e in log if e.type == "metrics")
 
@@ -200,7 +134,7 @@ def test_fine_tune_then_chat_with_the_new_model(
         current = client.fine_tuning.jobs.retrieve(job.id)
         return current if current.status in ("succeeded", "failed", "cancelled") else None
 
-    done = wait_for(finished, 1200, f"job {job.id} to finish", worker)
+    done = wait_for(finished, 1200, f"job {job.id} to finish", worker.logs)
     seen_done = time.monotonic()
     assert done.status == "succeeded", done.error
     model = done.fine_tuned_model
@@ -246,11 +180,7 @@ def test_fine_tune_then_chat_with_the_new_model(
 
     # the model is listed for its tenant, owned by it, and hidden from another tenant
     assert any(m.id == model and m.owned_by == "acme" for m in client.models.list())
-    other = openai.OpenAI(
-        base_url=gateway.base_url,
-        api_key=gateway.token(SCOPES, org="globex"),
-        http_client=httpx.Client(verify=gateway.verify(), timeout=120),
-    )
+    other = sdk_client(gateway, org="globex")
     assert model not in [m.id for m in other.models.list()]
     # the base model does not know the labels; the fine-tuned one answers every class with a label and tells
     # at least two of them apart (which two a model this small gets right depends on the seed)
@@ -276,7 +206,9 @@ def test_fine_tuned_and_base_models_share_a_batch(client: openai.OpenAI, gateway
 
 def test_cancel_stops_a_running_job(client: openai.OpenAI, worker: WorkerProcess, training_file: str) -> None:
     job = create_job(client, training_file, n_epochs=50, batch_size=2)
-    wait_for(lambda: any(e.type == "metrics" for e in events(client, job.id)), 600, "a training step", worker)
+    wait_for(
+        lambda: any(e.type == "metrics" for e in events(client, job.id)), 600, "a training step", worker.logs
+    )
     asked = time.monotonic()
     cancelled = client.fine_tuning.jobs.cancel(job.id)
     assert cancelled.status == "cancelled" and cancelled.finished_at is not None
@@ -284,7 +216,7 @@ def test_cancel_stops_a_running_job(client: openai.OpenAI, worker: WorkerProcess
         lambda: "Training stopped; the job was cancelled" in [e.message for e in events(client, job.id)],
         30,
         "training to stop",
-        worker,
+        worker.logs,
     )
     MEASURED["cancel_to_stopped_s"] = time.monotonic() - asked
     with pytest.raises(openai.BadRequestError):
@@ -300,7 +232,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
     client: openai.OpenAI, worker: WorkerProcess, training_file: str, gateway: Gateway
 ) -> None:
     job = create_job(client, training_file, n_epochs=1, batch_size=8, save_steps=1, learning_rate=5e-4)
-    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 900, "a checkpoint", worker)
+    wait_for(lambda: client.fine_tuning.jobs.checkpoints.list(job.id).data, 900, "a checkpoint", worker.logs)
     worker.kill(signal.SIGKILL)  # no clean hand-back: the job stays `running` under a dead worker
     assert client.fine_tuning.jobs.retrieve(job.id).status == "running"
     saved = max(c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id).data)
@@ -309,7 +241,7 @@ def test_a_killed_worker_resumes_from_its_checkpoint(
         lambda: (j := client.fine_tuning.jobs.retrieve(job.id)).status in ("succeeded", "failed") and j,
         900,
         "the resumed job to finish",
-        worker,
+        worker.logs,
     )
     assert done.status == "succeeded", done.error
     log = events(client, job.id)
@@ -335,14 +267,14 @@ def test_qlora_trains_a_few_steps_on_the_cpu(
         ),
         900,
         "a QLoRA step",
-        worker,
+        worker.logs,
     )
     assert first != ["failed"], client.fine_tuning.jobs.retrieve(job.id).error
     wait_for(
         lambda: len([e for e in events(client, job.id) if e.type == "metrics"]) >= 2,
         900,
         "2 QLoRA steps",
-        worker,
+        worker.logs,
     )
     started = next(e for e in events(client, job.id) if e.message.startswith("Fine-tuning started"))
     assert started.data["quantization_bit"] == 4
