@@ -41,4 +41,18 @@ def _fail_on_egress_attempt(egress_guard: EgressGuard) -> Iterator[None]:
         pytest.fail(f"network egress attempted: {attempts}", pytrace=False)
 
 
-# ── Section 2: shared fixtures (the lead adds app/client fixtures here) ─────────────────────────────────────
+# ── Section 2: --reverse: any order must pass ─────────────────────────────────────────────────────────────
+# CI runs the stateful modules once more in reverse order, so a test that only passes because another one ran
+# before it (and left a model, a job or a log line behind) fails there.
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--reverse", action="store_true", help="run the collected tests in reverse order")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--reverse"):
+        items.reverse()
+
+
+# ── Section 3: shared fixtures (the lead adds app/client fixtures here) ─────────────────────────────────────

@@ -9,12 +9,12 @@ after a restart; run a few QLoRA (NF4) steps on the CPU.  Measured numbers are p
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,6 @@ from tests.spec import validate
 
 # Generous limits: a shared CI machine can be several times slower than an idle one.
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(1800)]
-
-MEASURED: dict[str, float] = {}
 
 
 class WorkerProcess:
@@ -122,13 +120,21 @@ def ask(client: openai.OpenAI, model: str, customer: dict[str, str]) -> str:
     return (reply.choices[0].message.content or "").strip()
 
 
-def test_fine_tune_then_chat_with_the_new_model(
-    client: openai.OpenAI, gateway: Gateway, worker: WorkerProcess, training_file: str
-) -> None:
+@dataclass(frozen=True)
+class Trained:
+    """The module's one full fine-tune, as the first client saw it."""
+
+    created: Any  # the job as the create call returned it
+    done: Any  # the job once it succeeded
+    first_answer: str  # the first chat with the new model, sent the moment the job read `succeeded`
+    hot_load_s: float  # from `succeeded` to that answer
+    job_s: float  # from create to `succeeded`
+
+
+@pytest.fixture(scope="module")
+def trained(client: openai.OpenAI, worker: WorkerProcess, training_file: str) -> Trained:
     started = time.monotonic()
     job = create_job(client, training_file)
-    assert job.status == "validating_files" and job.object == "fine_tuning.job"
-    validate("FineTuningJob", job.model_dump(exclude_unset=True))
 
     def finished() -> Any:
         current = client.fine_tuning.jobs.retrieve(job.id)
@@ -137,19 +143,26 @@ def test_fine_tune_then_chat_with_the_new_model(
     done = wait_for(finished, 1200, f"job {job.id} to finish", worker.logs)
     seen_done = time.monotonic()
     assert done.status == "succeeded", done.error
-    model = done.fine_tuned_model
     # the first chat after success: the gateway hot-loads the adapter on its own (no restart)
     while True:
         try:
-            answer = ask(client, model, finance_rows()[2])
+            answer = ask(client, done.fine_tuned_model, finance_rows()[2])
             break
         except openai.NotFoundError:
             assert time.monotonic() - seen_done < 10, "the fine-tuned model never became servable"
             time.sleep(0.05)
-    MEASURED["hot_load_latency_s"] = time.monotonic() - seen_done
-    MEASURED["train_job_s"] = seen_done - started
-    assert answer == "高风险", answer
+    hot_load = time.monotonic() - seen_done
+    print(f"\nfine-tune e2e: job {seen_done - started:.1f} s, hot-load {hot_load:.3f} s")
+    return Trained(job, done, answer, hot_load, seen_done - started)
 
+
+def test_fine_tune_then_chat_with_the_new_model(
+    client: openai.OpenAI, gateway: Gateway, trained: Trained
+) -> None:
+    job, done, model = trained.created, trained.done, trained.done.fine_tuned_model
+    assert job.status == "validating_files" and job.object == "fine_tuning.job"
+    validate("FineTuningJob", job.model_dump(exclude_unset=True))
+    assert trained.first_answer == "高风险", trained.first_answer
     assert model == f"ft:{BASE}:acme:risk:{job.id[-8:]}"
     validate("FineTuningJob", done.model_dump(exclude_unset=True))
     assert done.trained_tokens and done.trained_tokens > 0 and done.finished_at and done.result_files
@@ -191,11 +204,11 @@ def test_fine_tune_then_chat_with_the_new_model(
     assert ask(client, checkpoints.data[0].fine_tuned_model_checkpoint, finance_rows()[2]) in LABELS
 
 
-def test_fine_tuned_and_base_models_share_a_batch(client: openai.OpenAI, gateway: Gateway) -> None:
+def test_fine_tuned_and_base_models_share_a_batch(client: openai.OpenAI, trained: Trained) -> None:
     """Concurrent requests for the base model and the adapter answer each as if alone."""
     import concurrent.futures
 
-    model = next(m.id for m in client.models.list() if m.id.startswith("ft:") and "ckpt" not in m.id)
+    model = trained.done.fine_tuned_model
     customer = finance_rows()[2]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(ask, client, name, customer) for name in (model, BASE, model, BASE)]
@@ -218,7 +231,7 @@ def test_cancel_stops_a_running_job(client: openai.OpenAI, worker: WorkerProcess
         "training to stop",
         worker.logs,
     )
-    MEASURED["cancel_to_stopped_s"] = time.monotonic() - asked
+    print(f"\nfine-tune e2e: cancel to stopped {time.monotonic() - asked:.2f} s")
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
     final = client.fine_tuning.jobs.retrieve(job.id)
@@ -279,9 +292,3 @@ def test_qlora_trains_a_few_steps_on_the_cpu(
     started = next(e for e in events(client, job.id) if e.message.startswith("Fine-tuning started"))
     assert started.data["quantization_bit"] == 4
     client.fine_tuning.jobs.cancel(job.id)
-
-
-def test_report_measurements(capsys: pytest.CaptureFixture[str]) -> None:
-    with capsys.disabled():
-        print("\nfine-tune e2e measurements:", json.dumps({k: round(v, 3) for k, v in MEASURED.items()}))
-    os.environ.setdefault("FINETUNE_E2E_MEASURED", json.dumps(MEASURED))

@@ -11,7 +11,7 @@
 - /metrics: open to a local scrape, a token with `admin` for a client a loopback proxy forwards for.
 - The egress guard is on in the server, and everything under the data dir is 0600 (files) / 0700 (dirs).
 
-Tests run in file order and share one server; the last one restarts it.
+The tests share one server (one of them restarts it); each passes alone and in any order.
 """
 
 from __future__ import annotations
@@ -224,7 +224,17 @@ def test_metrics_are_open_to_a_local_scrape_only(gateway: Gateway) -> None:
 # ── Privacy: canaries ──────────────────────────────────────────────────────────────────────────────────────
 
 
+@pytest.fixture(scope="module")
+def canaries_sent(gateway: Gateway) -> None:
+    """Every canary has gone through the server once (in a prompt, a stream, a completion, errors)."""
+    send_canaries(gateway)
+
+
 def test_canaries_through_chat_stream_completions_and_errors(gateway: Gateway) -> None:
+    send_canaries(gateway)
+
+
+def send_canaries(gateway: Gateway) -> None:
     token = gateway.token("chat models:read")
     client = sdk(gateway, token)
     messages: Any = [
@@ -276,7 +286,9 @@ def _files_containing(root: Path, needles: list[bytes]) -> dict[bytes, list[Path
     return hits
 
 
-def test_canaries_are_nowhere_on_disk_or_in_logs(gateway: Gateway, server_tmp: Path) -> None:
+def test_canaries_are_nowhere_on_disk_or_in_logs(
+    gateway: Gateway, server_tmp: Path, canaries_sent: None
+) -> None:
     time.sleep(0.5)  # the last records and log lines land just after the responses
     logs = gateway.logs()
     assert '"event"' in logs  # there is a structured log to search
@@ -296,10 +308,6 @@ def test_canaries_are_nowhere_on_disk_or_in_logs(gateway: Gateway, server_tmp: P
 
 def test_canary_in_an_upload_is_only_in_the_stored_file(gateway: Gateway, server_tmp: Path) -> None:
     token = gateway.token("files:read files:write")
-    with gateway.client(token) as http:
-        if http.get("/v1/files").status_code == 404:
-            pytest.skip("/v1/files is not wired into the app yet (helper C's files API)")
-    pytest.importorskip("finetune.data", reason="uploads are validated by finetune/data.py, not landed yet")
     canary = f"CANARY-upload-{RUN}"
     row = {"messages": [{"role": "user", "content": canary}, {"role": "assistant", "content": "ok"}]}
     uploaded = sdk(gateway, token).files.create(
