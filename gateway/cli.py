@@ -247,15 +247,23 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_VERIFY_EXIT = {"intact": 0, "tampered": 1, "incomplete": 3}  # 2: no log there, or a usage error
+
+
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.log import read_key
-    from gateway.audit.verify import format_result, verify_chain
+    from gateway.audit.verify import NoAuditLog, format_result, verify_chain
 
     settings = _settings(args)
     path = Path(args.log) if args.log else settings.data_path / settings.audit.path
-    result = verify_chain(path, read_key(settings.key_path(settings.audit.key_file, "audit.key")))
+    key = read_key(settings.key_path(settings.audit.key_file, "audit.key"))
+    try:
+        result = verify_chain(path, key, head_path=Path(args.head) if args.head else None)
+    except NoAuditLog as exc:
+        print(f"gateway audit verify: {exc}", file=sys.stderr)
+        return 2
     print(format_result(result, path))
-    return 0 if result.ok else 1
+    return AUDIT_VERIFY_EXIT[result.verdict]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -331,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit_sub = audit.add_subparsers(dest="audit_command", required=True)
     verify = audit_sub.add_parser("verify", help="check the hash chain")
     verify.add_argument("--log", help="audit log path (default: <data_dir>/<audit.path>)")
+    verify.add_argument("--head", help="its head file, when not beside it as <log>.head")
+    verify.epilog = "exit status: 0 intact, 1 tampered, 2 no log at that path, 3 incomplete (head file missing)"
     verify.set_defaults(func=cmd_audit_verify)
 
     sub.add_parser("config-reference", help="print the settings reference").set_defaults(

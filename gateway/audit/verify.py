@@ -1,5 +1,11 @@
 """`gateway audit verify`: walk the whole chain and name the first line that was altered, removed,
-reordered or cut off.  Reads only; safe to run while the gateway is writing."""
+reordered or cut off.  Reads only; safe to run while the gateway is writing.
+
+Three verdicts: INTACT (printed as OK), TAMPERED (a line or the head file does not verify), and INCOMPLETE: the
+records present chain intact but the head file `<log>.head` is missing, so records cut off the end could not
+be noticed (a copy of the log made without its head file looks like this; so does a deleted head).  A log that
+does not exist is not a verdict: the caller reports it (NoAuditLog).
+"""
 
 from __future__ import annotations
 
@@ -7,18 +13,29 @@ import hmac
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from gateway.audit.chain import GENESIS, HeadInvalid, head_path_for, head_problem, read_head, record_mac
 
-__all__ = ["VerifyResult", "format_result", "verify_chain"]
+__all__ = ["NoAuditLog", "Verdict", "VerifyResult", "format_result", "verify_chain"]
+
+Verdict = Literal["intact", "tampered", "incomplete"]
+
+
+class NoAuditLog(FileNotFoundError):
+    """Neither the log nor its head file exists at the path given: nothing to verify (a wrong path?)."""
 
 
 @dataclass(frozen=True)
 class VerifyResult:
-    ok: bool
-    records: int  # records verified before the first problem (all of them when ok)
+    verdict: Verdict
+    records: int  # records verified before the first problem (all of them when intact)
     first_bad_line: int | None  # 1-based; None when the problem is not a line (e.g. the head file)
     reason: str
+
+    @property
+    def ok(self) -> bool:
+        return self.verdict == "intact"
 
 
 def _line_problem(raw: bytes, line_no: int, key: bytes, count: int, last_mac: str) -> str | None:
@@ -45,10 +62,13 @@ def _line_problem(raw: bytes, line_no: int, key: bytes, count: int, last_mac: st
 
 def verify_chain(path: Path | str, key: bytes, *, head_path: Path | None = None) -> VerifyResult:
     path = Path(path)
+    head_path = head_path or head_path_for(path)
+    if not path.exists() and not head_path.exists():
+        raise NoAuditLog(f"no audit log at {path} (nor its head file {head_path.name})")
     try:
-        head = read_head(head_path or head_path_for(path), key)
+        head = read_head(head_path, key)
     except HeadInvalid as exc:
-        return VerifyResult(False, 0, None, str(exc))
+        return VerifyResult("tampered", 0, None, str(exc))
     count, last_mac, torn = 0, GENESIS, False
     mac_at_head_seq: str | None = None
     try:
@@ -59,22 +79,32 @@ def verify_chain(path: Path | str, key: bytes, *, head_path: Path | None = None)
                     break
                 problem = _line_problem(raw, line_no, key, count, last_mac)
                 if problem:
-                    return VerifyResult(False, count, line_no, problem)
+                    return VerifyResult("tampered", count, line_no, problem)
                 count, last_mac = count + 1, json.loads(raw)["mac"]
                 if head is not None and count == head.seq:
                     mac_at_head_seq = last_mac
     except FileNotFoundError:
-        pass  # no log yet: an empty chain, which the head must agree with
+        pass  # the log is gone but its head is here: an empty chain, which the head must agree with
+    note = "; an incomplete last line left by a crash is ignored (removed on next start)" if torn else ""
+    if head is None and count > 1:
+        return VerifyResult(
+            "incomplete",
+            count,
+            None,
+            f"{count} record(s) chain intact, but the head file {head_path.name} is missing, so records cut "
+            f"off the end would go unnoticed: verify the log together with its head file (--head){note}",
+        )
     head_issue = head_problem(head, count, mac_at_head_seq)
     if head_issue:
-        return VerifyResult(False, count, head_issue[1], head_issue[0])
-    note = "; an incomplete last line left by a crash is ignored (removed on next start)" if torn else ""
-    return VerifyResult(True, count, None, f"{count} record(s), chain intact{note}")
+        return VerifyResult("tampered", count, head_issue[1], head_issue[0])
+    return VerifyResult("intact", count, None, f"{count} record(s), chain intact{note}")
 
 
 def format_result(result: VerifyResult, path: Path | str | None = None) -> str:
     where = f"{path}: " if path else ""
     if result.ok:
         return f"OK {where}{result.reason}"
+    if result.verdict == "incomplete":
+        return f"INCOMPLETE {where}{result.reason}"
     line = f", first bad line {result.first_bad_line}" if result.first_bad_line is not None else ""
     return f"TAMPERED {where}{result.reason} ({result.records} record(s) verified{line})"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from gateway.audit.log import AuditChainBroken, AuditLog, AuditLogBusy, open_audit_log
-from gateway.audit.verify import format_result, verify_chain
+from gateway.audit.verify import NoAuditLog, format_result, verify_chain
 from gateway.auth.keys import ensure_dev_keys
 from gateway.settings import Settings
 
@@ -146,7 +146,54 @@ def test_deleted_or_forged_head_is_caught(log_path: Path) -> None:
     assert not verify_chain(log_path, KEY).ok
     head.unlink()
     result = verify_chain(log_path, KEY)
-    assert not result.ok and "head file is missing" in result.reason
+    assert result.verdict == "incomplete" and "head file audit.jsonl.head is missing" in result.reason
+    assert format_result(result, log_path).startswith("INCOMPLETE ")  # not the word for real tampering
+
+
+def test_a_copy_verifies_with_its_head_named_elsewhere(log_path: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "evidence" / "copy.jsonl"
+    copy.parent.mkdir()
+    copy.write_bytes(log_path.read_bytes())
+    assert verify_chain(copy, KEY).verdict == "incomplete"
+    assert verify_chain(copy, KEY, head_path=log_path.with_name("audit.jsonl.head")).ok
+
+
+def test_a_path_with_no_log_is_not_a_verdict(tmp_path: Path) -> None:
+    with pytest.raises(NoAuditLog, match="no audit log at"):
+        verify_chain(tmp_path / "typo.jsonl", KEY)
+
+
+def test_a_log_deleted_beside_its_head_is_tampering(log_path: Path) -> None:
+    log_path.unlink()
+    result = verify_chain(log_path, KEY)
+    assert result.verdict == "tampered" and "cut off" in result.reason
+
+
+def test_the_cli_exit_status_names_the_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from gateway.cli import main
+
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    ensure_dev_keys(settings)
+    env = {"GATEWAY_DATA_DIR": settings.data_dir}
+    log = open_audit_log(settings)
+    for n in range(1, 4):
+        log.append(_record(n))
+    log.close()
+    path = settings.data_path / settings.audit.path
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        assert main(["audit", "verify"]) == 0
+        assert main(["audit", "verify", "--log", str(tmp_path / "nonexistent.jsonl")]) == 2
+        assert "no audit log at" in capsys.readouterr().err
+        head = Path(f"{path}.head")
+        saved = head.read_bytes()
+        head.unlink()
+        assert main(["audit", "verify"]) == 3
+        head.write_bytes(saved)
+        _write_lines(path, _lines(path)[:-1])
+        assert main(["audit", "verify"]) == 1
+        assert capsys.readouterr().out.splitlines()[-1].startswith("TAMPERED ")
 
 
 def test_whole_log_replaced_by_another_chain_is_caught(log_path: Path, tmp_path: Path) -> None:
