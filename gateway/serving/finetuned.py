@@ -140,15 +140,21 @@ class FineTunedModels:
 
     # -- delete --------------------------------------------------------------------------------------------
 
-    async def remove(self, entry: ModelEntry) -> None:
-        """DELETE /v1/models/{id}: forget the model in the store and remove its adapter from disk."""
-        record = await asyncio.to_thread(self.store.models.get, entry.id)
-        if record is None:
-            return
-        await asyncio.to_thread(self.store.models.delete, record.id)
-        self._known.discard(record.id)
-        await asyncio.to_thread(shutil.rmtree, self.data_dir / record.path, True)
-        log.info("finetuned.deleted", model=record.id, job_id=record.job_id)
+    async def remove(self, entry: ModelEntry) -> list[str]:
+        """DELETE /v1/models/{id}: forget the model in the store, unload it, and remove its adapter files.
+        A job's final model goes with all its checkpoints (a checkpoint alone goes alone).  Returns the ids
+        removed."""
+        removed = await asyncio.to_thread(self.store.models.delete, entry.id)
+        for record in removed:
+            self._known.discard(record.id)
+            self.registry.unregister(record.id)
+            adapter = self.data_dir / record.path
+            await asyncio.to_thread(shutil.rmtree, adapter, True)
+            with contextlib.suppress(OSError):  # the job's adapters/<job>/ dir, once its last one is gone
+                adapter.parent.rmdir()
+        if removed:
+            log.info("finetuned.deleted", models=len(removed), job_id=removed[0].job_id)
+        return [record.id for record in removed]
 
 
 class FineTuningServices:

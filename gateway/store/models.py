@@ -80,6 +80,21 @@ class ModelsRepo:
             ModelRecord.from_row(r) for r in self.db.query("SELECT * FROM models WHERE job_id = ?", (job_id,))
         ]
 
-    def delete(self, model_id: str) -> bool:
+    def delete(self, model_id: str) -> list[ModelRecord]:
+        """Forget a model; a job's final model takes the job's checkpoints with it (they are its outputs).
+        Returns the rows removed (their adapter directories are the caller's to delete) and drops the
+        checkpoints table's rows that named them."""
         with self.db.transaction() as conn:
-            return conn.execute("DELETE FROM models WHERE id = ?", (model_id,)).rowcount > 0
+            row = conn.execute("SELECT * FROM models WHERE id = ?", (model_id,)).fetchone()
+            if row is None:
+                return []
+            target = ModelRecord.from_row(row)
+            if target.step is None:
+                rows = conn.execute("SELECT * FROM models WHERE job_id = ?", (target.job_id,)).fetchall()
+            else:
+                rows = [row]
+            removed = [ModelRecord.from_row(r) for r in rows]
+            for record in removed:
+                conn.execute("DELETE FROM models WHERE id = ?", (record.id,))
+                conn.execute("DELETE FROM checkpoints WHERE model = ?", (record.id,))
+            return removed

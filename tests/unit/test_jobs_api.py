@@ -340,9 +340,27 @@ def _adapter(data_dir: Path, name: str) -> str:
 
 
 def _model_row(
-    api: Api, model_id: str, relative: str, *, step: int | None = None, tenant: str = "acme"
-) -> None:
-    job_id = api.create({"model": BASE, "training_file": api.upload(tenant)}, tenant).json()["id"]
+    api: Api,
+    model_id: str,
+    relative: str,
+    *,
+    step: int | None = None,
+    tenant: str = "acme",
+    job_id: str | None = None,
+) -> str:
+    """A servable model row (and, for a checkpoint, its checkpoints row); returns its job's id."""
+    job_id = job_id or api.create({"model": BASE, "training_file": api.upload(tenant)}, tenant).json()["id"]
+    if step is not None:
+        api.store.checkpoints.add(
+            CheckpointRecord(
+                id=f"ftckpt-{step}-{job_id[-6:]}",
+                job_id=job_id,
+                step=step,
+                created_at=1,
+                metrics={},
+                model=model_id,
+            )
+        )
     api.store.models.add(
         ModelRecord(
             id=model_id,
@@ -354,6 +372,7 @@ def _model_row(
             step=step,
         )
     )
+    return job_id
 
 
 def test_a_new_fine_tuned_model_is_servable_within_a_few_poll_ticks(api: Api) -> None:
@@ -396,24 +415,54 @@ def test_a_model_finished_a_moment_ago_is_usable_before_the_poll_sees_it(api: Ap
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "model_not_found"
 
 
-def test_deleting_a_fine_tuned_model_removes_it_for_good(tmp_path: Path) -> None:
+def test_deleting_a_fine_tuned_model_removes_it_and_its_checkpoints_for_good(tmp_path: Path) -> None:
+    """Delete means delete: the model, every checkpoint of its job, their rows and their bytes."""
     data = tmp_path / "data"
     model_id = f"ft:{BASE}:acme::abcd1234"
+    ckpt = f"{model_id}:ckpt-step-2"
     with running(data) as api:
-        relative = _adapter(data, "final")
-        _model_row(api, model_id, relative)
-        ckpt = f"{model_id}:ckpt-step-2"
-        _model_row(api, ckpt, _adapter(data, "ckpt-step-2"), step=2)
+        job_id = _model_row(api, model_id, _adapter(data, "final"))
+        _model_row(api, ckpt, _adapter(data, "ckpt-step-2"), step=2, job_id=job_id)
         wait_for(lambda: api.get(f"/v1/models/{ckpt}").status_code == 200)
-        assert not api.engine.has_adapter(ckpt)  # checkpoints load on first use only
+        api.get(f"/v1/models/{model_id}")
+        assert (
+            api.client.post(
+                "/v1/chat/completions",
+                headers=api.headers(),
+                json={"model": ckpt, "messages": [{"role": "user", "content": "hi"}]},
+            ).status_code
+            == 200
+        )
+        assert api.engine.has_adapter(ckpt)
+        assert api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"]
         response = api.client.delete(f"/v1/models/{model_id}", headers=api.headers())
-        assert response.status_code == 200 and response.json()["deleted"] is True
-        assert not (data / relative).exists() and api.store.models.get(model_id) is None
-        assert not api.engine.has_adapter(model_id)
-        assert api.get(f"/v1/models/{model_id}").status_code == 404
-    with running(data) as api:  # after a restart: the deleted one stays gone, the checkpoint is back
+        assert response.status_code == 200 and response.json() == {
+            "id": model_id,
+            "object": "model",
+            "deleted": True,
+        }
+        for gone in (model_id, ckpt):
+            assert api.get(f"/v1/models/{gone}").status_code == 404
+            assert api.store.models.get(gone) is None and not api.engine.has_adapter(gone)
+        assert not (data / "adapters" / "ftjob-test").exists()  # every byte of both adapters
+        assert api.get(f"/v1/fine_tuning/jobs/{job_id}/checkpoints").json()["data"] == []
+    with running(data) as api:  # after a restart: still gone
         ids = [m["id"] for m in api.get("/v1/models").json()["data"]]
-        assert model_id not in ids and ckpt in ids
+        assert model_id not in ids and ckpt not in ids
+
+
+def test_deleting_a_checkpoint_removes_only_that_checkpoint(api: Api) -> None:
+    data = Path(api.settings.data_dir)
+    model_id = f"ft:{BASE}:acme::keep5678"
+    ckpt = f"{model_id}:ckpt-step-4"
+    job_id = _model_row(api, model_id, _adapter(data, "final"))
+    _model_row(api, ckpt, _adapter(data, "ckpt-step-4"), step=4, job_id=job_id)
+    wait_for(lambda: api.get(f"/v1/models/{ckpt}").status_code == 200)
+    assert api.client.delete(f"/v1/models/{ckpt}", headers=api.headers()).status_code == 200
+    assert api.get(f"/v1/models/{ckpt}").status_code == 404
+    assert not (data / "adapters" / "ftjob-test" / "ckpt-step-4").exists()
+    assert api.get(f"/v1/models/{model_id}").status_code == 200
+    assert (data / "adapters" / "ftjob-test" / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_a_model_deleted_by_another_gateway_stops_answering_here(api: Api) -> None:

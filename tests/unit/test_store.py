@@ -256,4 +256,4 @@ def test_checkpoints_and_models_ignore_a_repeated_step(store: Store) -> None:
     assert store.models.add(model) and not store.models.add(model)
     added = store.models.since(0)
     assert [m.id for m in added] == [model.id] and store.models.since(added[-1].seq) == []
-    assert store.models.delete(model.id) and store.models.get(model.id) is None
+    assert [m.id for m in store.models.delete(model.id)] == [model.id] and store.models.get(model.id) is None
