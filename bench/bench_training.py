@@ -47,9 +47,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from contracts.lora import LORA_TARGET_MODULES
 from finetune.base_model import embedded_gguf, load_model, load_tokenizer, prepare
 from finetune.data import load_conversations, pack, tokenize
-from finetune.trainer import ALL_LINEAR, TrainConfig, TrainingCancelled, train
+from finetune.trainer import TrainConfig, TrainingCancelled, train
 
 MODEL = "smollm2-135m-instruct"
 LORA = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05}
@@ -176,7 +177,7 @@ def hf_segment(model_dir: Path, data: Path, out: Path, batch_size: int, steps: i
         r=LORA["lora_rank"],
         lora_alpha=LORA["lora_alpha"],
         lora_dropout=LORA["lora_dropout"],
-        target_modules=list(ALL_LINEAR),
+        target_modules=list(LORA_TARGET_MODULES),
         task_type="CAUSAL_LM",
     )
     args = TrainingArguments(

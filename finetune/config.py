@@ -9,13 +9,29 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-__all__ = ["ALL_LINEAR", "TrainConfig"]
+from contracts.hyperparameters import BY_NAME
+from contracts.lora import LORA_TARGET_MODULES
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["InvalidSetting", "TrainConfig"]
+
+
+class InvalidSetting(ValueError):
+    """A TrainConfig field whose value cannot work; `setting` names it."""
+
+    def __init__(self, setting: str, message: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+
+
+def _job_setting(name: str) -> Any:
+    """A field that is also a job hyperparameter: its default and help come from the shared contract."""
+    spec = BY_NAME[name]
+    default = tuple(spec.default) if isinstance(spec.default, list) else spec.default
+    return field(default=default, metadata={"help": spec.help})
 
 
 @dataclass
@@ -35,28 +51,20 @@ class TrainConfig:
         default=42,
         metadata={"help": "seeds the LoRA init, dropout and data order: same seed and data, same loss curve"},
     )
-    n_epochs: int = field(default=3, metadata={"help": "passes over the training data"})
-    batch_size: int = field(
-        default=8,
-        metadata={
-            "help": (
-                "examples per micro-batch, packed into one row without padding; an optimizer step sees "
-                "batch_size * gradient_accumulation_steps examples (fewer in the last step of an epoch)"
-            )
-        },
-    )
-    gradient_accumulation_steps: int = field(
-        default=1,
-        metadata={"help": "micro-batches summed into one optimizer step"},
-    )
+    n_epochs: int = _job_setting("n_epochs")
+    batch_size: int = _job_setting("batch_size")  # a job's: resolved from its rows when "auto"
+    gradient_accumulation_steps: int = _job_setting("gradient_accumulation_steps")
     max_tokens_per_batch: int | None = field(
         default=None,
         metadata={
             "help": "cap on the tokens of one micro-batch (memory); None = batch_size * max_seq_length"
         },
     )
-    max_seq_length: int = field(default=1024, metadata={"help": "examples are truncated to this many tokens"})
-    learning_rate: float = field(default=2e-4, metadata={"help": "peak AdamW learning rate"})
+    max_seq_length: int = _job_setting("max_seq_length")
+    learning_rate: float = field(
+        default=BY_NAME["learning_rate"].default,
+        metadata={"help": "peak AdamW learning rate (a job's learning_rate * learning_rate_multiplier)"},
+    )
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW decoupled weight decay"})
     warmup_ratio: float = field(
         default=0.03,
@@ -68,20 +76,11 @@ class TrainConfig:
         default=1.0,
         metadata={"help": "gradients are clipped to this global L2 norm"},
     )
-    lora_rank: int = field(default=8, metadata={"help": "rank r of the LoRA matrices"})
-    lora_alpha: int = field(
-        default=16,
-        metadata={"help": "LoRA updates are scaled by lora_alpha / lora_rank"},
-    )
-    lora_dropout: float = field(default=0.05, metadata={"help": "dropout on the LoRA input during training"})
-    target_modules: tuple[str, ...] = field(
-        default=ALL_LINEAR,
-        metadata={"help": "the linear projections that get an adapter (a subset of ALL_LINEAR)"},
-    )
-    quantization_bit: int | None = field(
-        default=None,
-        metadata={"help": "None: full-precision base; 4: QLoRA, NF4 base via bitsandbytes; 8: LLM.int8 base"},
-    )
+    lora_rank: int = _job_setting("lora_rank")
+    lora_alpha: int = _job_setting("lora_alpha")
+    lora_dropout: float = _job_setting("lora_dropout")
+    target_modules: tuple[str, ...] = _job_setting("target_modules")
+    quantization_bit: int | None = _job_setting("quantization_bit")
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "recompute activations during backward: less memory, about 30% slower"},
@@ -90,12 +89,7 @@ class TrainConfig:
         default=1,
         metadata={"help": "a metrics event every this many optimizer steps (and at the last)"},
     )
-    save_steps: int = field(
-        default=0,
-        metadata={
-            "help": "a checkpoint every this many optimizer steps (and at the last); 0 = only at the last"
-        },
-    )
+    save_steps: int = _job_setting("save_steps")
     eval_steps: int | None = field(
         default=None,
         metadata={"help": "validate every this many steps (and at the last); None = every save_steps"},
@@ -114,7 +108,7 @@ class TrainConfig:
     )
 
     def validate(self) -> None:
-        """Raise ValueError naming the first field whose value cannot work."""
+        """Raise InvalidSetting naming the first field whose value cannot work."""
         positive = ("n_epochs", "batch_size", "gradient_accumulation_steps", "max_seq_length", "lora_rank")
         for name in (*positive, "logging_steps"):
             _check(self, name, getattr(self, name) >= 1, "must be at least 1")
@@ -135,8 +129,13 @@ class TrainConfig:
         _check(self, "max_grad_norm", self.max_grad_norm > 0, "must be > 0")
         _check(self, "lora_alpha", self.lora_alpha > 0, "must be > 0")
         _check(self, "lora_dropout", 0 <= self.lora_dropout < 1, "must be in [0, 1)")
-        unknown = set(self.target_modules) - set(ALL_LINEAR)
-        _check(self, "target_modules", bool(self.target_modules) and not unknown, f"choose from {ALL_LINEAR}")
+        unknown = set(self.target_modules) - set(LORA_TARGET_MODULES)
+        _check(
+            self,
+            "target_modules",
+            bool(self.target_modules) and not unknown,
+            f"choose from {LORA_TARGET_MODULES}",
+        )
         _check(self, "quantization_bit", self.quantization_bit in (None, 4, 8), "must be None, 4 or 8")
         _check(self, "save_steps", self.save_steps >= 0, "must be >= 0")
         _check(self, "eval_steps", self.eval_steps is None or self.eval_steps >= 1, "must be None or >= 1")
@@ -152,11 +151,12 @@ class TrainConfig:
             try:
                 import bitsandbytes  # noqa: F401 - only its presence is checked here
             except ImportError as exc:
-                raise ValueError(
-                    f"quantization_bit={self.quantization_bit} needs bitsandbytes (pip install bitsandbytes)"
+                raise InvalidSetting(
+                    "quantization_bit",
+                    f"quantization_bit={self.quantization_bit} needs bitsandbytes (pip install bitsandbytes)",
                 ) from exc
 
 
 def _check(config: TrainConfig, name: str, ok: bool, rule: str) -> None:
     if not ok:
-        raise ValueError(f"{name}={getattr(config, name)!r}: {rule}")
+        raise InvalidSetting(name, f"{name}={getattr(config, name)!r}: {rule}")

@@ -9,7 +9,6 @@ training stopped because the worker was told to.  Nothing here logs training row
 
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable
@@ -17,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts.hyperparameters import BY_NAME, training_settings
 from gateway.serving.files import FileStorage
-from gateway.serving.jobs import DEFAULT_HYPERPARAMETERS
 from gateway.settings import Settings
 from gateway.store import JobRecord, Store
 from gateway.store.events import EventLevel, EventType
@@ -122,12 +121,14 @@ class JobTrainer:
             )
         except trainer.TrainingCancelled:
             raise Stopped() from None
-        except (
-            ValueError
-        ) as exc:  # the trainer names the setting: "max_seq_length=16: ..." or "training_file: ..."
+        except trainer.InvalidSetting as exc:  # the trainer names the setting it refused
             raise JobFailed(
-                f"Training could not start: {exc}", code="invalid_training_setup", param=_param_of(str(exc))
+                f"Training could not start: {exc}",
+                code="invalid_training_setup",
+                param=_param_of(exc.setting),
             ) from None
+        except ValueError as exc:  # the training data, as the trainer read it
+            raise JobFailed(f"Training could not start: {exc}", code="invalid_training_setup") from None
         except torch_oom() as exc:
             raise JobFailed(
                 "The training device ran out of memory: lower batch_size or max_seq_length, or set "
@@ -154,24 +155,13 @@ class JobTrainer:
     def _config(
         self, job: JobRecord, base_dir: Path, train_file: Path, valid_file: Path | None, output_dir: Path
     ) -> Any:
-        hp = job.hyperparameters
         return self.trainer.TrainConfig(
+            **training_settings(job.hyperparameters),
             base_model_path=base_dir,
             output_dir=output_dir,
             training_file=train_file,
             validation_file=valid_file,
             seed=job.seed,
-            n_epochs=int(hp["n_epochs"]),
-            batch_size=int(hp["batch_size"]),
-            gradient_accumulation_steps=int(hp["gradient_accumulation_steps"]),
-            max_seq_length=int(hp["max_seq_length"]),
-            learning_rate=float(hp["learning_rate"]) * float(hp["learning_rate_multiplier"]),
-            lora_rank=int(hp["lora_rank"]),
-            lora_alpha=int(hp["lora_alpha"]),
-            lora_dropout=float(hp["lora_dropout"]),
-            target_modules=tuple(hp["target_modules"]),
-            quantization_bit=hp["quantization_bit"],
-            save_steps=int(hp["save_steps"]),
             device=self.settings.finetune.device,
         )
 
@@ -203,12 +193,13 @@ class JobTrainer:
         add_event(self.store, run.job, message, type="metrics", data=data)
 
 
-def _param_of(message: str) -> str | None:
-    """The setting a trainer error names first ("lora_rank=0: ..." -> "lora_rank"), if it is one of ours."""
-    name = re.split(r"[=:]", message, maxsplit=1)[0].strip()
-    if name in ("training_file", "validation_file"):
-        return name
-    return f"hyperparameters.{name}" if name in DEFAULT_HYPERPARAMETERS else None
+def _param_of(setting: str) -> str | None:
+    """The job field behind a TrainConfig setting the trainer refused, if it is one the user gave."""
+    if setting in ("training_file", "validation_file"):
+        return setting
+    if setting == "learning_rate":  # the product of the two job settings
+        return "hyperparameters.learning_rate_multiplier"
+    return f"hyperparameters.{setting}" if setting in BY_NAME else None
 
 
 def torch_oom() -> type[BaseException]:

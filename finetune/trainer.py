@@ -49,15 +49,15 @@ from finetune.checkpoints import (
     save_checkpoint,
     write_dir_atomically,
 )
-from finetune.config import ALL_LINEAR, TrainConfig
+from finetune.config import InvalidSetting, TrainConfig
 from finetune.data import Batch, Example, load_conversations, pack, tokenize
 from finetune.lora_model import build_model, pick_device
 from finetune.metrics import MetricsFile, Window
 from gateway.private_files import ensure_private_dir
 
-# ALL_LINEAR and TrainConfig live in finetune.config; they are named here too because this module is the
+# TrainConfig and InvalidSetting live in finetune.config; they are named here too because this module is the
 # trainer's interface (the worker, bench/bench_training.py and the tests take them from here).
-__all__ = ["ALL_LINEAR", "EventSink", "TrainConfig", "TrainResult", "TrainingCancelled", "train"]
+__all__ = ["EventSink", "InvalidSetting", "TrainConfig", "TrainResult", "TrainingCancelled", "train"]
 
 EventSink = Callable[[str, str, dict[str, Any]], None]
 
@@ -143,12 +143,16 @@ def setup(config: TrainConfig) -> Run:
     conversations = load_conversations(config.training_file)
     examples = tokenize(conversations, tokenizer, config.max_seq_length)
     if not examples:
-        raise ValueError("training_file: no example has an assistant token within max_seq_length")
+        raise InvalidSetting(
+            "training_file", "training_file: no example has an assistant token within max_seq_length"
+        )
     valid_batches: list[Batch] = []
     if config.validation_file is not None:
         valid = tokenize(load_conversations(config.validation_file), tokenizer, config.max_seq_length)
         if not valid:
-            raise ValueError("validation_file: no example has an assistant token within max_seq_length")
+            raise InvalidSetting(
+                "validation_file", "validation_file: no example has an assistant token within max_seq_length"
+            )
         valid_batches = pack(valid, config.batch_size * config.max_seq_length, seed=0)
     accumulation = config.gradient_accumulation_steps
     steps_per_epoch = [

@@ -340,7 +340,9 @@ def build_parser() -> argparse.ArgumentParser:
     verify = audit_sub.add_parser("verify", help="check the hash chain")
     verify.add_argument("--log", help="audit log path (default: <data_dir>/<audit.path>)")
     verify.add_argument("--head", help="its head file, when not beside it as <log>.head")
-    verify.epilog = "exit status: 0 intact, 1 tampered, 2 no log at that path, 3 incomplete (head file missing)"
+    verify.epilog = (
+        "exit status: 0 intact, 1 tampered, 2 no log at that path, 3 incomplete (head file missing)"
+    )
     verify.set_defaults(func=cmd_audit_verify)
 
     sub.add_parser("config-reference", help="print the settings reference").set_defaults(

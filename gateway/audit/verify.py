@@ -1,10 +1,10 @@
 """`gateway audit verify`: walk the whole chain and name the first line that was altered, removed,
 reordered or cut off.  Reads only; safe to run while the gateway is writing.
 
-Three verdicts: INTACT (printed as OK), TAMPERED (a line or the head file does not verify), and INCOMPLETE: the
-records present chain intact but the head file `<log>.head` is missing, so records cut off the end could not
-be noticed (a copy of the log made without its head file looks like this; so does a deleted head).  A log that
-does not exist is not a verdict: the caller reports it (NoAuditLog).
+Three verdicts: INTACT (printed as OK), TAMPERED (a line or the head file does not verify), and INCOMPLETE:
+the records present chain intact but the head file `<log>.head` is missing, so records cut off the end could
+not be noticed (a copy of the log made without its head file looks like this; so does a deleted head).  A log
+that does not exist is not a verdict: the caller reports it (NoAuditLog).
 """
 
 from __future__ import annotations

@@ -15,9 +15,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from contracts.lora import LORA_TARGET_MODULES
+
 __all__ = ["AdapterError", "LoraAdapter"]
 
-_SUPPORTED_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
 _KEY = re.compile(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")
 
 
@@ -64,7 +66,7 @@ class LoraAdapter:
             if match is None:
                 raise AdapterError(f"adapter {name!r}: unsupported weight {key}")
             layer, module, half = int(match[1]), match[2], match[3]
-            if module not in _SUPPORTED_MODULES or layer >= num_layers:
+            if module not in LORA_TARGET_MODULES or layer >= num_layers:
                 raise AdapterError(f"adapter {name!r}: weight {key} does not fit this base model")
             halves.setdefault((layer, module), {})[half] = tensor
         weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}

@@ -1,62 +1,29 @@
 """The fine-tuning API: CreateFineTuningJobRequest in, FineTuningJob / events / checkpoints out.
 
-Hyperparameters are OpenAI's three (`n_epochs`, `batch_size`, `learning_rate_multiplier`, each may be "auto")
-plus this server's LoRA settings, accepted in the same object.  Range errors name the field's path.
+`method` and `hyperparameters` arrive as plain objects: the service checks them key by key against the
+settings in contracts/hyperparameters.py, so an error names every bad or unknown key with what is allowed.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import Meta, Struct
 
 __all__ = [
     "Checkpoint",
     "CheckpointList",
     "CreateJobRequest",
-    "Hyperparameters",
     "Job",
     "JobError",
     "JobEvent",
     "JobEventList",
     "JobList",
-    "Method",
-    "SupervisedMethod",
 ]
 
-Auto = Literal["auto"]
 MetadataKey = Annotated[str, Meta(min_length=1, max_length=64, pattern=r'^[^"\\]+$')]
 MetadataValue = Annotated[str, Meta(max_length=512)]
 Metadata = Annotated[dict[MetadataKey, MetadataValue], Meta(max_length=16)]
-
-
-class Hyperparameters(Struct, kw_only=True, omit_defaults=True):
-    n_epochs: Annotated[int, Meta(ge=1, le=50)] | Auto | UnsetType = UNSET
-    batch_size: Annotated[int, Meta(ge=1, le=256)] | Auto | UnsetType | None = UNSET
-    learning_rate_multiplier: Annotated[float, Meta(gt=0.0, le=100.0)] | Auto | UnsetType = UNSET
-    # LoRA / QLoRA settings (this server's extension)
-    learning_rate: Annotated[float, Meta(gt=0.0, le=1.0)] | UnsetType = UNSET
-    lora_rank: Annotated[int, Meta(ge=1, le=256)] | UnsetType = UNSET
-    lora_alpha: Annotated[int, Meta(ge=1, le=4096)] | UnsetType = UNSET
-    lora_dropout: Annotated[float, Meta(ge=0.0, lt=1.0)] | UnsetType = UNSET
-    target_modules: (
-        Annotated[list[str], Meta(min_length=1, max_length=7)] | Literal["all-linear"] | UnsetType
-    ) = UNSET
-    quantization_bit: Literal[4, 8] | UnsetType | None = UNSET
-    gradient_accumulation_steps: Annotated[int, Meta(ge=1, le=1024)] | UnsetType = UNSET
-    max_seq_length: Annotated[int, Meta(ge=16, le=32768)] | UnsetType = UNSET
-    save_steps: Annotated[int, Meta(ge=0, le=1_000_000)] | UnsetType = UNSET
-
-
-class SupervisedMethod(Struct, kw_only=True, omit_defaults=True):
-    hyperparameters: Hyperparameters | UnsetType = UNSET
-
-
-class Method(Struct, kw_only=True, omit_defaults=True):
-    type: Literal["supervised", "dpo", "reinforcement"]
-    supervised: SupervisedMethod | UnsetType = UNSET
-    dpo: dict[str, Any] | UnsetType = UNSET
-    reinforcement: dict[str, Any] | UnsetType = UNSET
 
 
 class CreateJobRequest(Struct, kw_only=True):
@@ -66,8 +33,10 @@ class CreateJobRequest(Struct, kw_only=True):
     suffix: Annotated[str, Meta(min_length=1, max_length=64)] | None = None
     seed: Annotated[int, Meta(ge=0, le=2_147_483_647)] | None = None
     metadata: Metadata | None = None
-    method: Method | None = None
-    hyperparameters: Hyperparameters | None = None  # deprecated by OpenAI in favour of method; still sent
+    # Read as plain objects and checked key by key in the service, so every unknown or bad key is named
+    # at once (contracts/hyperparameters.py has the settings).
+    method: dict[str, Any] | None = None
+    hyperparameters: dict[str, Any] | None = None  # deprecated by OpenAI in favour of method; still sent
     integrations: list[dict[str, Any]] | None = None
 
 

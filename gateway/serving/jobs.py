@@ -16,9 +16,9 @@ import secrets
 import time
 from typing import Any
 
-import msgspec
 import structlog
 
+from contracts import hyperparameters
 from gateway.auth.principal import Principal
 from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol import fine_tuning as p
@@ -27,8 +27,6 @@ from gateway.serving.registry import ModelRegistry
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id
 
 __all__ = [
-    "DEFAULT_HYPERPARAMETERS",
-    "LORA_MODULES",
     "JobService",
     "fine_tuned_name",
     "job_not_found",
@@ -37,24 +35,6 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-# Projections the serving engine applies adapters to (gateway/engine/lora.py); others could not be served.
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-DEFAULT_HYPERPARAMETERS: dict[str, Any] = {
-    "n_epochs": 3,
-    "batch_size": 4,
-    "learning_rate_multiplier": 1.0,
-    "learning_rate": 2e-4,  # the base rate; the effective rate is learning_rate * learning_rate_multiplier
-    "lora_rank": 8,
-    "lora_alpha": 16,
-    "lora_dropout": 0.05,
-    "target_modules": list(LORA_MODULES),  # "all-linear", as QLoRA does
-    "quantization_bit": None,  # 4: QLoRA (NF4), 8: 8-bit base weights
-    "gradient_accumulation_steps": 1,
-    "max_seq_length": 1024,
-    "save_steps": 0,  # 0: one checkpoint, at the last step
-}
-_OPENAI_KEYS = ("n_epochs", "batch_size", "learning_rate_multiplier")
 _NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -70,54 +50,63 @@ def fine_tuned_name(base: str, tenant: str, suffix: str | None, job_id: str) -> 
     return f"ft:{base}:{tenant_part}:{suffix or ''}:{job_id[-8:]}"
 
 
+_METHOD_KEYS = ("type", "supervised", "dpo", "reinforcement")
+_METHODS = ("supervised", "dpo", "reinforcement")
+
+
 def resolve(request: p.CreateJobRequest, rows: int) -> tuple[dict[str, Any], str]:
     """Every training setting, with "auto" and omitted values resolved; and the JSON path they came from."""
-    given: p.Hyperparameters | None = None
-    where = "hyperparameters"
-    if request.method is not None:
-        if request.method.type != "supervised":
-            raise InvalidRequest(
-                f"Fine-tuning method '{request.method.type}' is not supported by this server; "
-                "use 'supervised'.",
-                param="method.type",
-            )
-        if request.hyperparameters is not None:
-            raise InvalidRequest(
-                "Pass hyperparameters in method.supervised.hyperparameters or in the deprecated "
-                "top-level hyperparameters, not both.",
-                param="hyperparameters",
-            )
-        supervised = request.method.supervised
-        if not isinstance(supervised, msgspec.UnsetType) and not isinstance(
-            supervised.hyperparameters, msgspec.UnsetType
-        ):
-            given, where = supervised.hyperparameters, "method.supervised.hyperparameters"
-    else:
-        given = request.hyperparameters
-    values = dict(DEFAULT_HYPERPARAMETERS)
-    values["batch_size"] = max(1, min(8, rows // 8))
-    for key, value in msgspec.structs.asdict(given).items() if given is not None else ():
-        if value is not msgspec.UNSET and value != "auto" and value is not None:
-            values[key] = value
-        elif key == "quantization_bit" and value is None:
-            values[key] = None
-    modules = values["target_modules"]
-    if modules == "all-linear":
-        values["target_modules"] = list(LORA_MODULES)
-    else:
-        unknown = [m for m in modules if m not in LORA_MODULES]
-        if unknown or len(set(modules)) != len(modules):
-            raise InvalidRequest(
-                f"Invalid target_modules {modules!r}: use distinct names from {', '.join(LORA_MODULES)} "
-                'or "all-linear".',
-                param=f"{where}.target_modules",
-            )
-    if values["learning_rate"] * values["learning_rate_multiplier"] >= 1:
+    given, where = _given_hyperparameters(request)
+    try:
+        return hyperparameters.resolve(given, rows=rows), where
+    except hyperparameters.InvalidHyperparameters as exc:
+        label = "Invalid hyperparameter" if len(exc.problems) == 1 else "Invalid hyperparameters"
+        raise InvalidRequest(f"{label}: {exc}.", param=f"{where}.{exc.problems[0][0]}") from None
+
+
+def _given_hyperparameters(request: p.CreateJobRequest) -> tuple[dict[str, Any] | None, str]:
+    if request.method is None:
+        return _object(request.hyperparameters, "hyperparameters"), "hyperparameters"
+    method = request.method
+    unknown = [key for key in method if key not in _METHOD_KEYS]
+    if unknown:
         raise InvalidRequest(
-            "learning_rate * learning_rate_multiplier must stay below 1.",
-            param=f"{where}.learning_rate_multiplier",
+            f"Unknown field(s) in method: {', '.join(map(repr, unknown))}; method takes "
+            f"{', '.join(_METHOD_KEYS)}.",
+            param=f"method.{unknown[0]}",
         )
-    return values, where
+    kind = method.get("type")
+    if kind not in _METHODS:
+        raise InvalidRequest(
+            f"method.type must be one of {', '.join(_METHODS)}, not {kind!r}.", param="method.type"
+        )
+    if kind != "supervised":
+        raise InvalidRequest(
+            f"Fine-tuning method '{kind}' is not supported by this server; use 'supervised'.",
+            param="method.type",
+        )
+    if request.hyperparameters is not None:
+        raise InvalidRequest(
+            "Pass hyperparameters in method.supervised.hyperparameters or in the deprecated "
+            "top-level hyperparameters, not both.",
+            param="hyperparameters",
+        )
+    supervised = _object(method.get("supervised"), "method.supervised") or {}
+    extra = [key for key in supervised if key != "hyperparameters"]
+    if extra:
+        raise InvalidRequest(
+            f"Unknown field(s) in method.supervised: {', '.join(map(repr, extra))}; it takes "
+            "hyperparameters.",
+            param=f"method.supervised.{extra[0]}",
+        )
+    where = "method.supervised.hyperparameters"
+    return _object(supervised.get("hyperparameters"), where), where
+
+
+def _object(value: Any, param: str) -> dict[str, Any] | None:
+    if value is None or isinstance(value, dict):
+        return value
+    raise InvalidRequest(f"{param} must be an object.", param=param)
 
 
 class JobService:
@@ -335,8 +324,8 @@ class JobService:
     @staticmethod
     def to_protocol(job: JobRecord) -> p.Job:
         hyper = job.hyperparameters
-        openai_hyper = {k: hyper[k] for k in _OPENAI_KEYS}
-        extras = {k: v for k, v in hyper.items() if k not in _OPENAI_KEYS}
+        openai_hyper = {k: hyper[k] for k in hyperparameters.OPENAI_KEYS}
+        extras = {k: v for k, v in hyper.items() if k not in hyperparameters.OPENAI_KEYS}
         error = (
             p.JobError(
                 code=str(job.error.get("code", "error")),

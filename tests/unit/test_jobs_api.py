@@ -182,6 +182,41 @@ def test_invalid_hyperparameters_name_the_field(api: Api, hyper: dict[str, Any],
     assert api.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing stored
 
 
+def test_unknown_and_bad_hyperparameters_are_all_named(api: Api) -> None:
+    file_id = api.upload()
+    hyper = {"bogus_param": 1, "n_epochs": "three", "batch_size": 0}
+    body = {
+        "model": BASE,
+        "training_file": file_id,
+        "method": {"type": "supervised", "supervised": {"hyperparameters": hyper}},
+    }
+    response = api.create(body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == "method.supervised.hyperparameters.bogus_param"
+    for text in ("'bogus_param'", "n_epochs='three'", "an integer from 1 to 50", "batch_size=0"):
+        assert text in error["message"], error["message"]
+    legacy = api.create({"model": BASE, "training_file": file_id, "hyperparameters": {"bogus_param": 1}})
+    assert legacy.status_code == 400 and legacy.json()["error"]["param"] == "hyperparameters.bogus_param"
+    assert api.get("/v1/fine_tuning/jobs").json()["data"] == []  # nothing stored
+
+
+@pytest.mark.parametrize(
+    ("method", "param"),
+    [
+        ({"type": "supervised", "extra": {}}, "method.extra"),
+        ({"type": "supervised", "supervised": {"hyperparameters": {}, "oops": 1}}, "method.supervised.oops"),
+        ({"type": "unsupervised"}, "method.type"),
+        ({"type": "dpo", "dpo": {}}, "method.type"),
+        ({"type": "supervised", "supervised": "fast"}, "method.supervised"),
+        ({"type": "supervised", "supervised": {"hyperparameters": [1]}}, "method.supervised.hyperparameters"),
+    ],
+)
+def test_bad_methods_are_named(api: Api, method: dict[str, Any], param: str) -> None:
+    response = api.create({"model": BASE, "training_file": api.upload(), "method": method})
+    assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+
 def test_bad_job_requests_get_clear_errors(api: Api) -> None:
     file_id = api.upload()
 

@@ -18,11 +18,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
+from contracts.lora import LORA_TARGET_MODULES
 from finetune import checkpoints, trainer
 from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
 from finetune.lora_model import CpuDropout
 from finetune.packed import PACKED_ATTENTION, loss_sum
-from finetune.trainer import ALL_LINEAR, TrainConfig, TrainingCancelled, train
+from finetune.trainer import TrainConfig, TrainingCancelled, train
 from tests.unit.test_data import SECRET, make_chatml_tokenizer
 from tests.unit.tiny_models import tiny_llama_config
 
@@ -201,7 +202,9 @@ def test_loss_sum_counts_only_learned_tokens_and_never_crosses_examples(
 
 def test_packed_batch_gives_the_gradients_of_examples_trained_alone(base_model: Path, tokenizer: Any) -> None:
     torch.manual_seed(0)
-    lora = LoraConfig(r=4, lora_dropout=0.0, target_modules=list(ALL_LINEAR), init_lora_weights=False)
+    lora = LoraConfig(
+        r=4, lora_dropout=0.0, target_modules=list(LORA_TARGET_MODULES), init_lora_weights=False
+    )
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base_model, dtype=torch.float32), lora)
     examples = qa_examples(tokenizer, len(QA))
     [batch] = pack(examples, max_tokens_per_batch=1024, seed=0)

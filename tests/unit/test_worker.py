@@ -19,10 +19,11 @@ from typing import Any
 
 import pytest
 
+from contracts.hyperparameters import resolve
+from finetune.config import InvalidSetting
 from finetune.worker import MAX_ATTEMPTS, Worker, _run_until_signalled
 from gateway.encryption import FileCipher
 from gateway.serving.files import FileStorage
-from gateway.serving.jobs import DEFAULT_HYPERPARAMETERS
 from gateway.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
 from gateway.store import FileRecord, JobRecord, Store, new_id
 from tests.unit.tiny_models import tiny_llama_config
@@ -50,6 +51,7 @@ class ScriptedTrainer:
 
     TrainConfig = FakeTrainConfig
     TrainingCancelled = TrainingCancelled
+    InvalidSetting = InvalidSetting
 
     def __init__(
         self,
@@ -157,7 +159,7 @@ class Setup:
             model=BASE,
             training_file=file_id,
             seed=3,
-            hyperparameters={**DEFAULT_HYPERPARAMETERS, "save_steps": save_steps},
+            hyperparameters=resolve({"save_steps": save_steps}, rows=4),
             status="queued",
             created_at=int(time.time()),
             suffix="risk",
@@ -211,8 +213,16 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert done.fine_tuned_model == name and done.trained_tokens == 50 and done.finished_at is not None
     assert done.estimated_finish is None and done.error is None
     config = trainer.configs[0]
-    assert config.kwargs["learning_rate"] == DEFAULT_HYPERPARAMETERS["learning_rate"]
-    assert config.kwargs["target_modules"] == tuple(DEFAULT_HYPERPARAMETERS["target_modules"])
+    assert config.kwargs["learning_rate"] == 2e-4  # the default rate times the default multiplier, 1
+    assert config.kwargs["target_modules"] == (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
     assert config.kwargs["seed"] == 3 and trainer.data[0].startswith(b'{"instruction"')
     messages = setup.events(job.id)
     assert messages[:2] == ["Fine-tuning job started", "Fine-tuning started: 4 examples, 5 steps"]
@@ -256,13 +266,15 @@ def test_a_training_error_fails_the_job_with_its_reason(setup: Setup) -> None:
     ("error", "code", "param", "text"),
     [
         (
-            ValueError("max_seq_length=16: no example fits"),
+            InvalidSetting("max_seq_length", "max_seq_length=16: no example fits"),
             "invalid_training_setup",
             "hyperparameters.max_seq_length",
             "max_seq_length=16",
         ),
         (
-            ValueError("training_file: no example has an assistant token within max_seq_length"),
+            InvalidSetting(
+                "training_file", "training_file: no example has an assistant token within max_seq_length"
+            ),
             "invalid_training_setup",
             "training_file",
             "assistant token",
