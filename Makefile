@@ -1,6 +1,7 @@
 # Privacy gateway — `make help` lists the targets.
 SHELL := /bin/bash
-PY ?= python3.11
+# The first of python3.11 / python3.12 on PATH that can make a venv (override: make PY=/path/to/python3.12).
+PY ?= $(shell for p in python3.11 python3.12; do $$p -c 'import venv, ensurepip' >/dev/null 2>&1 && { echo $$p; break; }; done)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
@@ -12,7 +13,12 @@ help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 $(STAMP): pyproject.toml
-	@command -v $(PY) >/dev/null || { echo "need $(PY) (set PY=python3.x, 3.11 or 3.12)"; exit 1; }
+	@test -n "$(PY)" || { echo "make needs Python 3.11 or 3.12 with venv and ensurepip on PATH (Debian/Ubuntu:" \
+		"apt install python3.11-venv), or PY=/path/to/python3.12"; exit 1; }
+	@command -v $(PY) >/dev/null || { echo "$(PY) is not on PATH; make needs Python 3.11 or 3.12"; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] not in ((3, 11), (3, 12)))' || { \
+		echo "$(PY) is Python $$($(PY) -c 'import platform; print(platform.python_version())'); need 3.11 or 3.12"; \
+		exit 1; }
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'

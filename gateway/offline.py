@@ -1,4 +1,4 @@
-"""Hub and telemetry switches, set before anything imports transformers, huggingface_hub or datasets.
+"""Hub, telemetry and progress-bar switches, set before anything imports transformers or huggingface_hub.
 
 Imported by `gateway/__init__.py` and `finetune/__init__.py`, so every entry point is offline by the time
 any model code loads.  Nothing in this product may reach a network beyond its own clients.
@@ -15,6 +15,9 @@ OFFLINE_ENV = {
     "DO_NOT_TRACK": "1",
     "ANONYMIZED_TELEMETRY": "False",
     "TOKENIZERS_PARALLELISM": "false",
+    # Progress bars (model loading, GGUF conversion) would break the logs' one-JSON-object-per-line promise.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TQDM_DISABLE": "1",
 }
 
 for _name, _value in OFFLINE_ENV.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -21,6 +22,18 @@ from gateway.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "spec" / "openai-openapi.yaml"  # vendored: spec/README.md
+
+
+def non_json_lines(text: str) -> list[str]:
+    """Log lines that are not one JSON object each (the logs promise nothing else)."""
+    bad = []
+    for line in text.splitlines():
+        try:
+            if not isinstance(json.loads(line), dict):
+                bad.append(line)
+        except ValueError:
+            bad.append(line)
+    return bad
 
 
 def free_port() -> int:

@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.harness import Gateway, running
+from tests.e2e.harness import Gateway, non_json_lines, running
 from tests.e2e.jobs import create_job, events, sdk_client, upload_training_file, wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
@@ -77,5 +77,6 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_resumes(
     assert any(m.startswith("Resuming fine-tuning job (attempt 2)") for m in messages), messages
     assert gateway.client().get("/readyz").json()["worker"] is True
     assert gateway.metric("gateway_finetune_worker_up") == 1
-    logs = gateway.logs()
+    logs = gateway.logs()  # the gateway's and its workers' lines, all JSON
     assert "worker.process_exited" in logs and "worker.restarting" in logs
+    assert non_json_lines(logs) == []

@@ -36,7 +36,7 @@ import openai
 import pytest
 
 from gateway.auth.tokens import mint_token
-from tests.e2e.harness import REPO, Gateway, running
+from tests.e2e.harness import REPO, Gateway, non_json_lines, running
 
 pytestmark = pytest.mark.e2e
 
@@ -324,6 +324,13 @@ def test_canary_in_an_upload_is_only_in_the_stored_file(gateway: Gateway, server
 
 
 # ── The egress guard is on ─────────────────────────────────────────────────────────────────────────────────
+
+
+def test_every_server_log_line_is_a_json_object(gateway: Gateway, canaries_sent: None) -> None:
+    """uvicorn's own lines, library warnings, progress bars: none may break the JSON lines."""
+    logs = gateway.logs()
+    assert "uvicorn.error" in logs  # uvicorn's start-up lines are there, as JSON
+    assert non_json_lines(logs) == []
 
 
 def test_the_server_installed_its_egress_guard(gateway: Gateway) -> None:
