@@ -26,7 +26,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.results import write_section
-from finetune.base_model import embedded_gguf, load_model, load_tokenizer, prepare
+from contracts.base_models import embedded_gguf, load_model, load_tokenizer, prepare
 from tests.e2e.harness import Gateway, make_certs
 
 MODEL = "smollm2-135m-instruct"

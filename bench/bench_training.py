@@ -47,9 +47,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from contracts.base_models import embedded_gguf, load_model, load_tokenizer, prepare
 from contracts.lora import LORA_TARGET_MODULES
-from finetune.base_model import embedded_gguf, load_model, load_tokenizer, prepare
-from finetune.data import load_conversations, pack, tokenize
+from contracts.training_data import load_conversations
+from finetune.batches import pack
+from finetune.chat_template import tokenize
 from finetune.trainer import TrainConfig, TrainingCancelled, train
 
 MODEL = "smollm2-135m-instruct"

@@ -5,8 +5,8 @@ model learns to stop.  Each turn's span is found by rendering the conversation u
 that renders turn by turn consistently works; one that refuses a conversation (or renders it otherwise)
 drops that example with a count in the log, never its content.
 
-Kept apart from reading the upload (finetune.data): this is the part that needs a tokenizer, and it is the
-contract the trainer's loss relies on (IGNORE_INDEX).  It does not import torch.
+Kept apart from reading the upload (contracts.training_data): this is the part that needs a tokenizer, and
+it is the contract the trainer's loss relies on (IGNORE_INDEX).  It does not import torch.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from jinja2 import TemplateError
 
-from finetune.formats import Conversation
+from contracts.training_formats import Conversation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from finetune.base_model import model_identity
+from contracts.base_models import model_identity
+from contracts.private_files import ensure_private_dir, fsync_dir
 from finetune.config import TrainConfig
-from gateway.private_files import ensure_private_dir, fsync_dir
 
 if TYPE_CHECKING:
     from finetune.trainer import Run
@@ -111,7 +111,7 @@ def save_adapter(model: Any, directory: Path) -> None:
 def fingerprint(config: TrainConfig) -> str:
     """What fixes the loss curve: a checkpoint resumes only a run with the same fingerprint.
 
-    Content, never place: the base model counts by finetune.base_model.model_identity and the training data
+    Content, never place: the base model counts by contracts.base_models.model_identity and the training data
     by its bytes, not by their paths, so a worker that mounts the data dir elsewhere (or finds it moved)
     still resumes a job from its checkpoints.
     """

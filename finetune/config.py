@@ -42,7 +42,9 @@ class TrainConfig:
     output_dir: Path = field(
         metadata={"help": "private (0700) directory for checkpoints/, adapter/ and metrics.csv"},
     )
-    training_file: Path = field(metadata={"help": "chat JSONL or Alpaca JSON/JSONL (see finetune.data)"})
+    training_file: Path = field(
+        metadata={"help": "chat JSONL or Alpaca JSON/JSONL (see contracts.training_data)"}
+    )
     validation_file: Path | None = field(
         default=None,
         metadata={"help": "optional held-out file in the same format; adds valid_loss"},

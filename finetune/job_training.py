@@ -94,11 +94,11 @@ class JobTrainer:
         return self._trainer
 
     def train(self, run: JobRun, should_stop: Callable[[], bool]) -> Any:
-        from finetune.base_model import BaseModelError, base_model_sources, prepare
+        from contracts.base_models import BaseModelError, prepare
 
         job = run.job
         try:
-            source = base_model_sources(self.settings)[job.model]
+            source = self.settings.models.sources()[job.model]
             base_dir = prepare(job.model, source, self.data_dir)
         except (KeyError, BaseModelError) as exc:
             raise JobFailed(

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
+from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobRun
-from gateway.private_files import ensure_private_dir
 from gateway.store import Store
 
 __all__ = ["keep_lease", "take_slot"]

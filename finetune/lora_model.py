@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from finetune.base_model import load_model
+from contracts.base_models import load_model
 from finetune.config import TrainConfig
 from finetune.packed import PACKED_ATTENTION
 

@@ -1,6 +1,6 @@
 """The forward pass over a packed row: attention per example, and logits only where a label is learned.
 
-finetune.data.pack lays a micro-batch's examples end to end in one row (no padding) and notes where each
+finetune.batches.pack lays a micro-batch's examples end to end in one row (no padding) and notes where each
 begins; this module is the model's side of that contract.  `loss_sum` passes the boundaries and the length
 of the prompt prefix the examples share to the attention implementation registered here under
 PACKED_ATTENTION, which runs causal sdpa per example (plus the shared prefix), so no compute is spent on
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import AttentionInterface
 
-from finetune.data import IGNORE_INDEX, Batch
+from finetune.batches import Batch
+from finetune.chat_template import IGNORE_INDEX
 
 __all__ = ["PACKED_ATTENTION", "loss_sum"]
 
@@ -55,7 +56,7 @@ def _packed_attention(
 ) -> tuple[torch.Tensor, None]:
     """Causal sdpa per packed segment: (batch, heads, tokens, dim) in, (batch, tokens, heads, dim) out.
 
-    A segment sees itself causally and, when the batch has one (finetune.data.Batch), the shared prefix.
+    A segment sees itself causally and, when the batch has one (finetune.batches.Batch), the shared prefix.
     The model builds no mask for this implementation (transformers skips mask creation for names it does not
     know), so nothing of size tokens x tokens exists.
     """

@@ -18,9 +18,9 @@ from typing import Any
 
 import structlog
 
+from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, add_event
 from gateway.encryption import Cipher
-from gateway.private_files import ensure_private_dir
 from gateway.serving.files import FileStorage
 from gateway.serving.jobs import fine_tuned_name
 from gateway.store import CheckpointRecord, JobRecord, ModelRecord, Store, new_id

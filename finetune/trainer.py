@@ -11,7 +11,7 @@ This module is the loop and what it holds (Run); the pieces it calls each have t
     finetune.metrics      loss / throughput windows and metrics.csv
 
 Where the speed comes from (bench/bench_training.py measures it against the Hugging Face Trainer):
-- examples are packed end to end into one row (finetune.data.pack), so no compute is spent on padding, and
+- examples are packed end to end into one row (finetune.batches.pack), so no compute is spent on padding, and
   the packed attention (finetune.packed) runs causal attention per example, so none is spent across examples
   either (a dense block-diagonal mask would cost attention over the whole row and lose sdpa's grouped-query
   fast path);
@@ -37,8 +37,12 @@ from typing import Any
 
 import torch
 
+from contracts.base_models import load_tokenizer
+from contracts.private_files import ensure_private_dir
+from contracts.training_data import load_conversations
 from finetune import packed
-from finetune.base_model import load_tokenizer
+from finetune.batches import Batch, pack
+from finetune.chat_template import Example, tokenize
 from finetune.checkpoints import (
     complete_checkpoints,
     fingerprint,
@@ -50,10 +54,8 @@ from finetune.checkpoints import (
     write_dir_atomically,
 )
 from finetune.config import InvalidSetting, TrainConfig
-from finetune.data import Batch, Example, load_conversations, pack, tokenize
 from finetune.lora_model import build_model, pick_device
 from finetune.metrics import MetricsFile, Window
-from gateway.private_files import ensure_private_dir
 
 # TrainConfig and InvalidSetting live in finetune.config; they are named here too because this module is the
 # trainer's interface (the worker, bench/bench_training.py and the tests take them from here).

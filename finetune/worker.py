@@ -43,12 +43,12 @@ from typing import Any
 
 import structlog
 
+from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, JobTrainer, Stopped, add_event
 from finetune.lease import keep_lease, take_slot
 from finetune.publish import Publisher
 from gateway.encryption import Cipher
 from gateway.master_key import cipher_from_settings
-from gateway.private_files import ensure_private_dir
 from gateway.serving.files import FileStorage
 from gateway.settings import Settings, load_settings
 from gateway.store import JobRecord, Store
@@ -223,9 +223,9 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 
 def main(argv: list[str] | None = None) -> int:
+    from contracts.private_files import restrict_umask
     from gateway.egress import install_from_settings
     from gateway.logs import configure_logging
-    from gateway.private_files import restrict_umask
 
     # Before any thread exists, so every thread inherits the mask: SIGTERM/SIGINT stay pending until
     # _run_until_signalled takes them (see there); `_stop_with_gateway_parent`'s own SIGTERM included.

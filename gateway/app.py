@@ -19,6 +19,7 @@ from litestar.datastructures import State
 from litestar.di import Provide
 from litestar.types import ASGIApp
 
+from contracts.private_files import ensure_private_dir
 from gateway.audit.log import open_audit_log
 from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import apply_limits, authorize
@@ -27,7 +28,6 @@ from gateway.auth.tokens import TokenVerifier
 from gateway.engine.base import Engine
 from gateway.master_key import cipher_from_settings
 from gateway.metrics import GatewayMetrics
-from gateway.private_files import ensure_private_dir
 from gateway.routes.audit import list_audit_records
 from gateway.routes.chat import ChatController
 from gateway.routes.errors import EXCEPTION_HANDLERS
@@ -51,10 +51,10 @@ EngineFactory = Callable[[str], Engine]
 
 def build_engine(settings: Settings, name: str) -> Engine:
     """Prepare (convert once if GGUF) and start the local engine for base model `name`.  Blocking."""
-    from finetune.base_model import base_model_sources, prepare
+    from contracts.base_models import prepare
     from gateway.engine.local import LocalEngine
 
-    source = base_model_sources(settings)[name]
+    source = settings.models.sources()[name]
     engine = LocalEngine(
         name,
         lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from jwt import PyJWTError
 
+from contracts.private_files import ensure_private_dir, restrict_umask
 from gateway.audit.log import AuditChainBroken, AuditLogBusy
-from gateway.private_files import ensure_private_dir, restrict_umask
 from gateway.settings import Settings, iter_fields, load_settings
 from gateway.worker_supervisor import WorkerSupervisor
 
@@ -36,14 +36,14 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from finetune.base_model import base_model_sources, prepare
+    from contracts.base_models import prepare
     from gateway.auth.keys import ensure_dev_keys
 
     settings = _settings(args)
     ensure_private_dir(settings.data_path)
     for path in ensure_dev_keys(settings).created:
         print(f"created {path}")
-    for name, source in base_model_sources(settings).items():
+    for name, source in settings.models.sources().items():
         print(f"model {name}: {prepare(name, source, settings.data_path)}")
     return 0
 

@@ -45,7 +45,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
-from gateway.private_files import ensure_private_dir, private_file_writer
+from contracts.private_files import ensure_private_dir, private_file_writer
 
 __all__ = [
     "MAGIC",

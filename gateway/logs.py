@@ -3,7 +3,7 @@
 Events carry ids, counts, durations and error types only.  Exception messages from libraries can quote
 input, so error events log the exception's type, not its text.  Everything else that logs in the process
 (uvicorn, transformers, Python warnings) goes through the same JSON renderer, with its traceback reduced to
-the exception type, so stderr holds nothing but JSON lines.  Progress bars are off (gateway/offline.py).
+the exception type, so stderr holds nothing but JSON lines.  Progress bars are off (contracts/offline.py).
 """
 
 from __future__ import annotations

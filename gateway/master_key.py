@@ -14,6 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from contracts.private_files import fsync_dir, write_private_file
 from gateway.encryption import (
     KEY_BYTES,
     Cipher,
@@ -24,7 +25,6 @@ from gateway.encryption import (
     key_id_of,
     regular_files,
 )
-from gateway.private_files import fsync_dir, write_private_file
 from gateway.settings import Settings
 
 __all__ = [

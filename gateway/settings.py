@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts.base_models import EMBEDDED_MODEL, base_model_sources
+
 __all__ = [
     "DEFAULT_MODEL",
     "METRICS_ACCESS",
@@ -33,7 +35,7 @@ __all__ = [
     "load_settings",
 ]
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+DEFAULT_MODEL = EMBEDDED_MODEL
 METRICS_ACCESS = ("loopback", "token", "public")
 QUANTIZATION = ("auto", "int4", "int8", "none")
 
@@ -74,6 +76,10 @@ class ModelSettings:
         "float32, bfloat16 or float16.",
     )
     max_model_len: int = _f(2048, "Longest prompt + completion the engine holds for one sequence.")
+
+    def sources(self) -> dict[str, Path]:
+        """Every base model: name -> local directory or GGUF (the default first)."""
+        return base_model_sources(self.default, self.base)
 
 
 @dataclass(frozen=True)

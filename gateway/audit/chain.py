@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gateway.private_files import write_private_file
+from contracts.private_files import write_private_file
 
 __all__ = [
     "GENESIS",

@@ -41,11 +41,11 @@ from typing import Any
 
 import structlog
 
+from contracts.private_files import ensure_private_dir
 from gateway.audit.chain import Head, canonical_json, head_path_for, record_mac, write_head
 from gateway.audit.pages import MAX_PAGE, AuditPage, read_audit_page
 from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
 from gateway.audit.recovery import AuditChainBroken, recover
-from gateway.private_files import ensure_private_dir
 from gateway.settings import Settings
 
 __all__ = [

@@ -14,7 +14,7 @@ from typing import Literal
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from gateway.private_files import write_private_file
+from contracts.private_files import write_private_file
 from gateway.settings import Settings
 
 __all__ = ["DevKeys", "KeyKind", "ensure_dev_keys", "generate_keypair"]

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from gateway.private_files import ensure_private_dir, write_private_file
+from contracts.private_files import ensure_private_dir, write_private_file
 
 __all__ = ["RevocationList", "RevocationListUnreadable"]
 

@@ -163,7 +163,7 @@ class LocalEngine:
             self._give_up(scheduler, exc)
 
     def _boot(self) -> Scheduler:
-        from finetune.base_model import load_tokenizer
+        from contracts.base_models import load_tokenizer
 
         if self.threads:
             torch.set_num_threads(self.threads)
@@ -179,7 +179,7 @@ class LocalEngine:
         )
 
     def _build_runner(self, model_dir: Path) -> ModelRunner:
-        from finetune.base_model import load_model
+        from contracts.base_models import load_model
 
         model = load_model(model_dir, dtype="float32")  # outside inference mode: it makes nn.Parameters
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len

@@ -38,7 +38,7 @@ def resolve_quantization(name: str, dtype: torch.dtype, model_dir: Path) -> Sche
         return "int4" if name == "int4" else "int8"
     if dtype != torch.bfloat16 or torch.cuda.is_available():
         return None
-    from finetune.base_model import gguf_weight_bits
+    from contracts.base_models import gguf_weight_bits
 
     bits = gguf_weight_bits(model_dir)
     if bits is None or bits > 8:

@@ -1,10 +1,10 @@
 """Files: uploads streamed to disk, validated as training data, stored private (0600), optionally encrypted.
 
 An upload is written to a staging file in `<data_dir>/tmp/` while it arrives (never buffered in memory, never
-in the system temp dir), checked against the size limit chunk by chunk, validated with finetune.data, and only
-then moved (or encrypted) to `<data_dir>/files/<id>` and recorded.  Whatever fails on the way, the staging
-file is removed and nothing is recorded.  `FileStorage` is the part the worker shares: reading a file back in
-plaintext and storing the files a job produces.
+in the system temp dir), checked against the size limit chunk by chunk, validated with
+contracts.training_data, and only then moved (or encrypted) to `<data_dir>/files/<id>` and recorded.  Whatever
+fails on the way, the staging file is removed and nothing is recorded.  `FileStorage` is the part the worker
+shares: reading a file back in plaintext and storing the files a job produces.
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import BinaryIO
 
 import structlog
 
+from contracts.private_files import ensure_private_dir, fsync_dir
 from gateway.auth.principal import Principal
 from gateway.encryption import Cipher
 from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from gateway.private_files import ensure_private_dir, fsync_dir
 from gateway.protocol.files import UPLOAD_PURPOSES
 from gateway.store import ACTIVE, FileRecord, Page, Store, new_id
 
@@ -203,7 +203,7 @@ class FileService:
         return record
 
     def _validate(self, path: Path) -> tuple[int, str]:
-        from finetune.data import DataError, validate_file
+        from contracts.training_data import DataError, validate_file
 
         try:
             stats = validate_file(path, max_rows=self.max_train_rows)

@@ -21,9 +21,9 @@ from pathlib import Path
 
 import structlog
 
+from contracts.private_files import ensure_private_dir
 from gateway.encryption import Cipher
 from gateway.errors import GatewayError
-from gateway.private_files import ensure_private_dir
 from gateway.serving.files import FileService, FileStorage
 from gateway.serving.jobs import JobService
 from gateway.serving.registry import ModelEntry, ModelRegistry

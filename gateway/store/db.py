@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gateway.private_files import ensure_private_dir
+from contracts.private_files import ensure_private_dir
 
 __all__ = ["DB_FILENAME", "Database", "StoreError", "new_id"]
 

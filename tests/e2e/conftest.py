@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune.base_model import embedded_gguf, prepare
+from contracts.base_models import embedded_gguf, prepare
 from tests.e2e.harness import Gateway, make_certs, running
 
 

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from finetune.base_model import load_tokenizer
+from contracts.base_models import load_tokenizer
 from tests.e2e.harness import Gateway
 from tests.spec import validate
 

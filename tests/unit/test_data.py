@@ -1,4 +1,4 @@
-"""finetune.data: format detection, the first bad line named, assistant-only labels, packing."""
+"""contracts.training_data: format detection, the first bad line named, assistant-only labels, packing."""
 
 from __future__ import annotations
 
@@ -10,17 +10,9 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from finetune.data import (
-    IGNORE_INDEX,
-    Batch,
-    DataError,
-    Example,
-    Turn,
-    load_conversations,
-    pack,
-    tokenize,
-    validate_file,
-)
+from contracts.training_data import DataError, Turn, load_conversations, validate_file
+from finetune.batches import Batch, pack
+from finetune.chat_template import IGNORE_INDEX, Example, tokenize
 
 # SmolLM2-Instruct's own template: ChatML, with a default system prompt when the conversation has none.
 CHATML = (

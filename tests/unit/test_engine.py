@@ -136,7 +136,7 @@ def test_the_model_and_adapters_load_on_the_engine_thread(  # type: ignore[no-un
     engine_factory, tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """All torch work of the serving process stays on one thread (LocalEngine._run says why)."""
-    import finetune.base_model
+    import contracts.base_models
     from gateway.engine import local
 
     loaded_on: list[str] = []
@@ -148,11 +148,11 @@ def test_the_model_and_adapters_load_on_the_engine_thread(  # type: ignore[no-un
 
         return wrapper
 
-    monkeypatch.setattr(finetune.base_model, "load_model", spy(finetune.base_model.load_model))
+    monkeypatch.setattr(contracts.base_models, "load_model", spy(contracts.base_models.load_model))
     monkeypatch.setattr(local.LoraAdapter, "load", spy(local.LoraAdapter.load))
     prepare = spy(
         lambda: tiny_model_dir
-    )  # as build_engine passes finetune.base_model.prepare (a GGUF converts)
+    )  # as build_engine passes contracts.base_models.prepare (a GGUF converts)
     engine = engine_factory(model_dir=prepare)
     assert engine.model_dir == tiny_model_dir
     save_peft_adapter(LlamaForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "adapter", seed=1)

@@ -4,6 +4,7 @@ the runner on the engine thread, and an engine that cannot be rebuilt says so in
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -20,6 +21,13 @@ EngineFactory = Callable[..., LocalEngine]
 
 def _greedy(text: str = "Hello there", tokens: int = 8) -> Any:
     return request(text, max_tokens=tokens, temperature=0, ignore_eos=True)
+
+
+def _wait_until_idle(engine: LocalEngine) -> None:
+    deadline = time.monotonic() + 30
+    while engine.stats().running:
+        assert time.monotonic() < deadline, "sequences still running"
+        time.sleep(0.01)
 
 
 def _failing_steps(engine: LocalEngine, failures: int) -> list[int]:
@@ -50,7 +58,8 @@ def test_a_long_prompt_then_three_concurrent_requests(engine_factory: EngineFact
         return [finish for _, finish, _ in together]
 
     assert asyncio.run(scenario()) == [{0: "length"}] * 3
-    assert engine.is_ready() and engine.stats().failed_steps == 0 and engine.stats().running == 0
+    _wait_until_idle(engine)  # the last delta reaches the caller a moment before its slot is freed
+    assert engine.is_ready() and engine.stats().failed_steps == 0
 
 
 def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(
@@ -77,8 +86,9 @@ def test_a_failed_step_fails_the_running_requests_and_the_engine_serves_on(
     assert isinstance(error, EngineFailure) and error.status_code == 500
     assert "injected" not in error.message and "RuntimeError" not in error.message  # no internals
     assert waited[1] == {0: "length"}  # the queued request was not running, so it is served
+    _wait_until_idle(engine)
     stats = engine.stats()
-    assert stats.failed_steps == 1 and stats.restarts == 0 and stats.running == 0 and stats.queued == 0
+    assert stats.failed_steps == 1 and stats.restarts == 0 and stats.queued == 0
     assert engine.is_ready() and asyncio.run(collect(engine, _greedy(tokens=2)))[2] == 2
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LlamaForCausalLM
 
-from finetune.base_model import embedded_gguf, gguf_weight_bits, prepare
+from contracts.base_models import embedded_gguf, gguf_weight_bits, prepare
 from gateway.engine.precision import resolve_quantization
 from gateway.engine.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
 from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel

@@ -19,8 +19,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from contracts.lora import LORA_TARGET_MODULES
+from contracts.training_data import Turn
 from finetune import checkpoints, trainer
-from finetune.data import IGNORE_INDEX, Example, Turn, pack, tokenize
+from finetune.batches import pack
+from finetune.chat_template import IGNORE_INDEX, Example, tokenize
 from finetune.lora_model import CpuDropout
 from finetune.packed import PACKED_ATTENTION, loss_sum
 from finetune.trainer import TrainConfig, TrainingCancelled, train

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from finetune.base_model import embedded_gguf
+from contracts.base_models import embedded_gguf
 from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from gateway.engine.local import LocalEngine
 from tests.unit.tiny_models import tiny_llama_config

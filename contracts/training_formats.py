@@ -3,8 +3,8 @@
 - chat (OpenAI fine-tuning JSONL): `{"messages": [{"role", "content", "weight"?}, ...]}`
 - alpaca (LLaMA-Factory): `{"instruction", "input"?, "output", "system"?, "history"?: [[user, reply], ...]}`
 
-Kept apart from reading files (finetune.data) so that what a record may hold is stated in one place.  A
-problem raises InvalidRecord naming the field, never quoting it; the reader adds the line.
+Kept apart from reading files (contracts.training_data) so that what a record may hold is stated in one
+place.  A problem raises InvalidRecord naming the field, never quoting it; the reader adds the line.
 """
 
 from __future__ import annotations

