@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from contracts.blobs import BlobStorage
 from contracts.hyperparameters import BY_NAME, training_settings
-from gateway.serving.files import FileStorage
 from gateway.settings import Settings
 from gateway.store import JobRecord, Store
 from gateway.store.events import EventLevel, EventType
@@ -74,14 +74,14 @@ class JobTrainer:
         settings: Settings,
         data_dir: Path,
         store: Store,
-        storage: FileStorage,
+        blobs: BlobStorage,
         on_checkpoint: CheckpointSink,
         trainer: Any = None,
     ) -> None:
         """`trainer`: the module providing TrainConfig, train and TrainingCancelled (default
         finetune.trainer, imported when the first job starts so an idle worker never loads torch)."""
         self.settings, self.data_dir = settings, data_dir
-        self.store, self.storage = store, storage
+        self.store, self.blobs = store, blobs
         self.on_checkpoint = on_checkpoint
         self._trainer = trainer
 
@@ -139,7 +139,7 @@ class JobTrainer:
     def _plaintext(self, job: JobRecord, file_id: str, work_dir: Path, stem: str) -> Path:
         record = self.store.files.get(file_id, job.tenant)
         param = "training_file" if stem == "train" else "validation_file"
-        if record is None or not self.storage.path_of(record).is_file():
+        if record is None or not self.blobs.exists(record.path):
             raise JobFailed(
                 f"The {param.replace('_', ' ')} {file_id} was deleted before training started; upload "
                 "it again and create a new job.",
@@ -149,7 +149,7 @@ class JobTrainer:
         suffix = ".json" if record.filename.lower().endswith(".json") else ".jsonl"
         target = work_dir / "data" / f"{stem}{suffix}"
         if not target.is_file():
-            self.storage.decrypt_to(record, target)
+            self.blobs.decrypt_to(record.path, target)
         return target
 
     def _config(

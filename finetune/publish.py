@@ -18,12 +18,12 @@ from typing import Any
 
 import structlog
 
+from contracts.blobs import BlobStorage
+from contracts.names import checkpoint_name, fine_tuned_name
 from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, add_event
 from gateway.encryption import Cipher
-from gateway.serving.files import FileStorage
-from gateway.serving.jobs import fine_tuned_name
-from gateway.store import CheckpointRecord, JobRecord, ModelRecord, Store, new_id
+from gateway.store import CheckpointRecord, FileRecord, JobRecord, ModelRecord, Store, new_id
 
 __all__ = ["Publisher"]
 
@@ -34,9 +34,9 @@ _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 class Publisher:
     def __init__(
-        self, store: Store, storage: FileStorage, cipher: Cipher, data_dir: Path, worker_id: str
+        self, store: Store, blobs: BlobStorage, cipher: Cipher, data_dir: Path, worker_id: str
     ) -> None:
-        self.store, self.storage, self.cipher = store, storage, cipher
+        self.store, self.blobs, self.cipher = store, blobs, cipher
         self.data_dir, self.worker_id = data_dir, worker_id
 
     def checkpoint(self, run: JobRun, step: int, source: Path) -> None:
@@ -67,12 +67,7 @@ class Publisher:
         job = run.job
         relative = self._export(Path(result.adapter_dir), job.id, "final")
         trained = int(result.trained_tokens)
-        results = self.storage.save_bytes(
-            tenant=job.tenant,
-            filename=f"{job.id}-results.csv",
-            purpose="fine-tune-results",
-            data=Path(result.metrics_csv).read_bytes(),
-        )
+        results = self._results_file(job, Path(result.metrics_csv).read_bytes())
         now = int(time.time())
         model = _model_record(job, relative, now)
         with self.store.db.transaction():
@@ -93,10 +88,25 @@ class Publisher:
                 add_event(self.store, job, "The job has successfully completed")
         if not done:  # cancelled (or taken over) in the last instant: nothing of it stays
             self.store.files.delete(results.id)
-            self.storage.remove(results)
+            self.blobs.remove(results.path)
             shutil.rmtree(self.data_dir / relative, ignore_errors=True)
             return
         log.info("worker.job_succeeded", job_id=job.id, trained_tokens=trained)
+
+    def _results_file(self, job: JobRecord, data: bytes) -> FileRecord:
+        """The job's metrics CSV as a file of its tenant (purpose fine-tune-results), body first."""
+        file_id = new_id("file-")
+        record = FileRecord(
+            id=file_id,
+            tenant=job.tenant,
+            filename=f"{job.id}-results.csv",
+            purpose="fine-tune-results",
+            bytes=len(data),
+            created_at=int(time.time()),
+            path=f"files/{file_id}",
+        )
+        self.blobs.put_bytes(data, record.path)
+        return self.store.files.add(record)
 
     def _export(self, source: Path, job_id: str, name: str) -> str:
         """Copy (or encrypt) an adapter into <data_dir>/adapters/<job>/<name>; complete or absent."""
@@ -125,7 +135,7 @@ def _model_record(job: JobRecord, path: str, created_at: int, *, step: int | Non
     """The servable model of one of a job's adapters: the final one (step None) or the checkpoint at step."""
     name = fine_tuned_name(job.model, job.tenant, job.suffix, job.id)
     return ModelRecord(
-        id=name if step is None else f"{name}:ckpt-step-{step}",
+        id=name if step is None else checkpoint_name(name, step),
         tenant=job.tenant,
         base=job.model,
         job_id=job.id,

@@ -43,13 +43,13 @@ from typing import Any
 
 import structlog
 
+from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, JobTrainer, Stopped, add_event
 from finetune.lease import keep_lease, take_slot
 from finetune.publish import Publisher
 from gateway.encryption import Cipher
 from gateway.master_key import cipher_from_settings
-from gateway.serving.files import FileStorage
 from gateway.settings import Settings, load_settings
 from gateway.store import JobRecord, Store
 
@@ -77,7 +77,7 @@ class Worker:
         self.data_dir = ensure_private_dir(settings.data_path)
         self.store = store or Store.open(self.data_dir)
         self.cipher = cipher or cipher_from_settings(settings)
-        self.storage = FileStorage(self.store, self.cipher, self.data_dir)
+        self.blobs = BlobStorage(self.cipher, self.data_dir)
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
         self._slot_lock: io.TextIOWrapper | None = None
@@ -85,9 +85,9 @@ class Worker:
             worker_id, self._slot_lock = take_slot(self.data_dir)
         self.worker_id = worker_id
         self.shutdown = threading.Event()
-        self.publisher = Publisher(self.store, self.storage, self.cipher, self.data_dir, self.worker_id)
+        self.publisher = Publisher(self.store, self.blobs, self.cipher, self.data_dir, self.worker_id)
         self.training = JobTrainer(
-            settings, self.data_dir, self.store, self.storage, self.publisher.checkpoint, trainer
+            settings, self.data_dir, self.store, self.blobs, self.publisher.checkpoint, trainer
         )
 
     # -- the loop ------------------------------------------------------------------------------------------

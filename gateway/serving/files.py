@@ -3,8 +3,8 @@
 An upload is written to a staging file in `<data_dir>/tmp/` while it arrives (never buffered in memory, never
 in the system temp dir), checked against the size limit chunk by chunk, validated with
 contracts.training_data, and only then moved (or encrypted) to `<data_dir>/files/<id>` and recorded.  Whatever
-fails on the way, the staging file is removed and nothing is recorded.  `FileStorage` is the part the worker
-shares: reading a file back in plaintext and storing the files a job produces.
+fails on the way, the staging file is removed and nothing is recorded.  Bodies live in blob storage
+(contracts.blobs), rows in the store.
 """
 
 from __future__ import annotations
@@ -22,14 +22,14 @@ from typing import BinaryIO
 
 import structlog
 
-from contracts.private_files import ensure_private_dir, fsync_dir
+from contracts.blobs import BlobStorage
+from contracts.private_files import ensure_private_dir
 from gateway.auth.principal import Principal
-from gateway.encryption import Cipher
 from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.protocol.files import UPLOAD_PURPOSES
 from gateway.store import ACTIVE, FileRecord, Page, Store, new_id
 
-__all__ = ["FileService", "FileStorage", "Upload", "file_not_found"]
+__all__ = ["FileService", "Upload", "file_not_found"]
 
 log = structlog.get_logger(__name__)
 
@@ -70,101 +70,28 @@ class Upload:
             self.path.unlink()
 
 
-class FileStorage:
-    """Where file bodies live and how they are written and read back (shared by the gateway and workers)."""
-
-    def __init__(self, store: Store, cipher: Cipher, data_dir: Path) -> None:
-        self.store = store
-        self.cipher = cipher
-        self.data_dir = data_dir
-        self.files_dir = data_dir / "files"
-        self.tmp_dir = data_dir / "tmp"
-
-    def path_of(self, record: FileRecord) -> Path:
-        return self.data_dir / record.path
-
-    def commit(self, plain: Path, record: FileRecord) -> FileRecord:
-        """Move (or encrypt) the plaintext file `plain` into place and record it; all or nothing."""
-        target = self.data_dir / record.path
-        ensure_private_dir(target.parent)
-        try:
-            if self.cipher.enabled:
-                with open(plain, "rb") as src:
-                    self.cipher.encrypt_stream(src, target)
-            else:
-                os.chmod(plain, 0o600)
-                os.replace(plain, target)
-                fsync_dir(target.parent)
-            return self.store.files.add(record)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                target.unlink()
-            raise
-
-    def save_bytes(self, *, tenant: str, filename: str, purpose: str, data: bytes) -> FileRecord:
-        """Store a file a job produced (the metrics CSV)."""
-        fd, name = tempfile.mkstemp(prefix="result-", dir=ensure_private_dir(self.tmp_dir))
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())
-            file_id = new_id("file-")
-            record = FileRecord(
-                id=file_id,
-                tenant=tenant,
-                filename=filename,
-                purpose=purpose,
-                bytes=len(data),
-                created_at=int(time.time()),
-                path=f"files/{file_id}",
-            )
-            return self.commit(Path(name), record)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(name)
-
-    def decrypt_to(self, record: FileRecord, target: Path) -> None:
-        """The file's plaintext at `target` (0600); raises TamperedError if it was altered."""
-        self.cipher.decrypt_to(self.path_of(record), target)
-
-    def chunks(self, record: FileRecord) -> Iterator[bytes]:
-        return self.cipher.open_decrypted(self.path_of(record))
-
-    def remove(self, record: FileRecord) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            self.path_of(record).unlink()
-
-    def sweep(self) -> int:
-        """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
-        file bodies with no record."""
-        removed, cutoff = 0, time.time() - _STALE_SECONDS
-        known = {Path(p).name for p in self.store.files.all_paths()}
-        for directory, keep in ((self.tmp_dir, set()), (self.files_dir, known)):
-            if not directory.is_dir():
-                continue
-            for path in directory.iterdir():
-                if path.name in keep or path.stat().st_mtime >= cutoff:
-                    continue
-                if path.is_dir() and directory == self.tmp_dir:
-                    shutil.rmtree(path, ignore_errors=True)
-                else:
-                    path.unlink(missing_ok=True)
-                removed += 1
-        return removed
-
-
 class FileService:
     """The Files API for one tenant at a time; every lookup is scoped to the caller's tenant."""
 
-    def __init__(self, storage: FileStorage, *, max_upload_bytes: int, max_train_rows: int) -> None:
-        self.storage = storage
-        self.store = storage.store
+    def __init__(
+        self, store: Store, blobs: BlobStorage, *, max_upload_bytes: int, max_train_rows: int
+    ) -> None:
+        self.store = store
+        self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
         self.max_train_rows = max_train_rows
 
     def receive(self) -> Upload:
-        return Upload(self.storage.tmp_dir, self.max_upload_bytes)
+        return Upload(self.blobs.tmp_dir, self.max_upload_bytes)
+
+    def _commit(self, plain: Path, record: FileRecord) -> None:
+        """The body into blob storage, then its row: a file is recorded only once its body is in place."""
+        self.blobs.put(plain, record.path)
+        try:
+            self.store.files.add(record)
+        except BaseException:
+            self.blobs.remove(record.path)
+            raise
 
     async def create(
         self, principal: Principal, *, purpose: str | None, filename: str | None, upload: Upload
@@ -198,7 +125,7 @@ class FileService:
             rows=stats[0],
             format=stats[1],
         )
-        await asyncio.to_thread(self.storage.commit, upload.path, record)
+        await asyncio.to_thread(self._commit, upload.path, record)
         log.info("file.stored", file_id=file_id, bytes=upload.size, rows=stats[0], format=stats[1])
         return record
 
@@ -241,15 +168,33 @@ class FileService:
                     code="file_in_use",
                 )
         self.store.files.delete(file_id)
-        self.storage.remove(record)
+        self.blobs.remove(record.path)
         log.info("file.deleted", file_id=file_id)
         return record
 
     def content(self, principal: Principal, file_id: str) -> tuple[FileRecord, Iterator[bytes]]:
         record = self.get(principal, file_id)
-        if not self.storage.path_of(record).is_file():
+        if not self.blobs.exists(record.path):
             raise file_not_found(file_id)
-        return record, self.storage.chunks(record)
+        return record, self.blobs.chunks(record.path)
+
+    def sweep(self) -> int:
+        """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
+        file bodies with no record."""
+        removed, cutoff = 0, time.time() - _STALE_SECONDS
+        known = {Path(p).name for p in self.store.files.all_paths()}
+        for directory, keep in ((self.blobs.tmp_dir, set()), (self.blobs.files_dir, known)):
+            if not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                if path.name in keep or path.stat().st_mtime >= cutoff:
+                    continue
+                if path.is_dir() and directory == self.blobs.tmp_dir:
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+        return removed
 
 
 def _clean_name(filename: str) -> str:

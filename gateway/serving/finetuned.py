@@ -21,10 +21,11 @@ from pathlib import Path
 
 import structlog
 
+from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
 from gateway.encryption import Cipher
 from gateway.errors import GatewayError
-from gateway.serving.files import FileService, FileStorage
+from gateway.serving.files import FileService
 from gateway.serving.jobs import JobService
 from gateway.serving.registry import ModelEntry, ModelRegistry
 from gateway.settings import Settings
@@ -164,19 +165,20 @@ class FineTuningServices:
     def __init__(self, settings: Settings, registry: ModelRegistry, cipher: Cipher) -> None:
         data_dir = settings.data_path
         self.store = Store.open(data_dir)
-        self.storage = FileStorage(self.store, cipher, data_dir)
+        self.blobs = BlobStorage(cipher, data_dir)
         self.files = FileService(
-            self.storage,
+            self.store,
+            self.blobs,
             max_upload_bytes=settings.limits.max_upload_bytes,
             max_train_rows=settings.finetune.max_train_rows,
         )
-        self.jobs = JobService(self.store, self.storage, registry)
+        self.jobs = JobService(self.store, self.blobs, registry)
         self.models = FineTunedModels(self.store, registry, cipher, data_dir)
         registry.adapter_opener = self.models.open_adapter
         registry.on_miss = self.models.resolve
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.storage.sweep)
+        await asyncio.to_thread(self.files.sweep)
         await self.jobs.start()
         await self.models.start()
 

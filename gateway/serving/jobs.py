@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import re
 import secrets
 import time
 from typing import Any
@@ -19,35 +18,27 @@ from typing import Any
 import structlog
 
 from contracts import hyperparameters
+from contracts.blobs import BlobStorage
+from contracts.names import invalid_suffix
 from gateway.auth.principal import Principal
 from gateway.errors import InvalidRequest, NotFound
 from gateway.protocol import fine_tuning as p
-from gateway.serving.files import FileStorage
 from gateway.serving.registry import ModelRegistry
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id
 
 __all__ = [
     "JobService",
-    "fine_tuned_name",
     "job_not_found",
     "resolve",
 ]
 
 log = structlog.get_logger(__name__)
 
-_NAME_PART = re.compile(r"[^A-Za-z0-9._-]+")
-
 
 def job_not_found(job_id: str) -> NotFound:
     return NotFound(
         f"Fine-tuning job {job_id} not found.", param="fine_tuning_job_id", code="fine_tuning_job_not_found"
     )
-
-
-def fine_tuned_name(base: str, tenant: str, suffix: str | None, job_id: str) -> str:
-    """`ft:{base}:{tenant}:{suffix}:{short id}`, as OpenAI names fine-tuned models (suffix may be empty)."""
-    tenant_part = _NAME_PART.sub("-", tenant).strip("-") or "tenant"
-    return f"ft:{base}:{tenant_part}:{suffix or ''}:{job_id[-8:]}"
 
 
 _METHOD_KEYS = ("type", "supervised", "dpo", "reinforcement")
@@ -110,9 +101,9 @@ def _object(value: Any, param: str) -> dict[str, Any] | None:
 
 
 class JobService:
-    def __init__(self, store: Store, storage: FileStorage, registry: ModelRegistry) -> None:
+    def __init__(self, store: Store, blobs: BlobStorage, registry: ModelRegistry) -> None:
         self.store = store
-        self.storage = storage
+        self.blobs = blobs
         self.registry = registry
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -128,7 +119,7 @@ class JobService:
         training = self._training_file(principal, request.training_file, "training_file")
         if request.validation_file is not None:
             self._training_file(principal, request.validation_file, "validation_file")
-        if request.suffix is not None and _NAME_PART.search(request.suffix):
+        if request.suffix is not None and invalid_suffix(request.suffix):
             raise InvalidRequest(
                 "Invalid suffix: use only letters, digits, '.', '_' and '-'.", param="suffix"
             )
@@ -202,7 +193,7 @@ class JobService:
                 continue
             self.store.events.add(job.id, f"Validating {param.replace('_', ' ')}: {file_id}")
             record = self.store.files.get(file_id, job.tenant)
-            if record is None or not self.storage.path_of(record).is_file():
+            if record is None or not self.blobs.exists(record.path):
                 error = {
                     "code": "invalid_file",
                     "param": param,

@@ -19,7 +19,7 @@ from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.settings import LimitSettings, Settings
-from gateway.store import CheckpointRecord, ModelRecord, Store, new_id
+from gateway.store import CheckpointRecord, FileRecord, ModelRecord, Store, new_id
 from tests.spec import validate
 from tests.unit.fake_engine import FakeEngine
 
@@ -243,11 +243,16 @@ def test_bad_job_requests_get_clear_errors(api: Api) -> None:
         "method": {"type": "supervised", "supervised": {"hyperparameters": {"n_epochs": 2}}},
     }
     assert error(both)["param"] == "hyperparameters"
-    results = api.app.app.state["store"]
-    from gateway.serving.files import FileStorage
-
-    storage = FileStorage(results, api.app.app.state["cipher"], Path(api.settings.data_dir))
-    csv = storage.save_bytes(tenant="acme", filename="r.csv", purpose="fine-tune-results", data=b"step\n1\n")
+    csv = FileRecord(
+        id=new_id("file-"),
+        tenant="acme",
+        filename="r.csv",
+        purpose="fine-tune-results",
+        bytes=7,
+        created_at=1,
+        path="files/results-r",
+    )
+    api.app.app.state["store"].files.add(csv)  # as a job's results file is recorded (by the worker)
     wrong = error({"model": BASE, "training_file": csv.id})
     assert wrong["param"] == "training_file" and "purpose" in wrong["message"]
     registry = api.app.app.state["registry"]

@@ -19,11 +19,11 @@ from typing import Any
 
 import pytest
 
+from contracts.blobs import BlobStorage
 from contracts.hyperparameters import resolve
 from finetune.config import InvalidSetting
 from finetune.worker import MAX_ATTEMPTS, Worker, _run_until_signalled
 from gateway.encryption import FileCipher
-from gateway.serving.files import FileStorage
 from gateway.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
 from gateway.store import FileRecord, JobRecord, Store, new_id
 from tests.unit.tiny_models import tiny_llama_config
@@ -129,7 +129,7 @@ def _write_adapter(path: Path) -> Path:
 class Setup:
     settings: Settings
     store: Store
-    storage: FileStorage
+    blobs: BlobStorage
 
     @property
     def data(self) -> Path:
@@ -151,7 +151,8 @@ class Setup:
             rows=4,
             format="alpaca",
         )
-        self.storage.commit(plain, record)
+        self.blobs.put(plain, record.path)
+        self.store.files.add(record)
         job = JobRecord(
             id=new_id("ftjob-"),
             tenant=tenant,
@@ -192,7 +193,7 @@ def _setup(tmp_path: Path, **settings: Any) -> Setup:
     store = Store.open(config.data_path)
     from gateway.master_key import cipher_from_settings
 
-    return Setup(config, store, FileStorage(store, cipher_from_settings(config), config.data_path))
+    return Setup(config, store, BlobStorage(cipher_from_settings(config), config.data_path))
 
 
 @pytest.fixture
@@ -244,7 +245,7 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert checkpoints[1].metrics == {"step": 4, "train_loss": 0.5}  # the step's loss, logged just before
     results = setup.store.files.get(done.result_files[0], "acme")
     assert results is not None and results.purpose == "fine-tune-results"
-    csv = b"".join(setup.storage.chunks(results)).decode().splitlines()
+    csv = b"".join(setup.blobs.chunks(results.path)).decode().splitlines()
     assert csv[0] == "step,train_loss,valid_loss,learning_rate,tokens_per_second" and len(csv) == 6
     assert not (setup.data / "work" / job.id).exists()  # the private work dir is gone
 
@@ -548,7 +549,7 @@ def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     assert [e.data["step"] for e in reversed(metrics) if e.data] == [1, 2, 3, 4]
     assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {1, 2, 3, 4}
     results = setup.store.files.get(done.result_files[0], None)
-    assert results is not None and b"".join(setup.storage.chunks(results)).startswith(b"step,train_loss")
+    assert results is not None and b"".join(setup.blobs.chunks(results.path)).startswith(b"step,train_loss")
     setup.store.close()
 
 
