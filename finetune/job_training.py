@@ -18,7 +18,7 @@ from typing import Any
 
 from contracts.blobs import BlobStorage
 from contracts.hyperparameters import BY_NAME, training_settings
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 from gateway.store import JobRecord, Store
 from gateway.store.events import EventLevel, EventType
 

@@ -22,7 +22,7 @@ from contracts.blobs import BlobStorage
 from contracts.names import checkpoint_name, fine_tuned_name
 from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, add_event
-from gateway.encryption import Cipher
+from gateway.security.encryption import Cipher
 from gateway.store import CheckpointRecord, FileRecord, JobRecord, ModelRecord, Store, new_id
 
 __all__ = ["Publisher"]

@@ -48,9 +48,9 @@ from contracts.private_files import ensure_private_dir
 from finetune.job_training import JobFailed, JobRun, JobTrainer, Stopped, add_event
 from finetune.lease import keep_lease, take_slot
 from finetune.publish import Publisher
-from gateway.encryption import Cipher
-from gateway.master_key import cipher_from_settings
-from gateway.settings import Settings, load_settings
+from gateway.core.settings import Settings, load_settings
+from gateway.security.encryption import Cipher
+from gateway.security.master_key import cipher_from_settings
 from gateway.store import JobRecord, Store
 
 __all__ = ["MAX_ATTEMPTS", "Worker", "main"]
@@ -224,8 +224,8 @@ _STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
 
 def main(argv: list[str] | None = None) -> int:
     from contracts.private_files import restrict_umask
-    from gateway.egress import install_from_settings
-    from gateway.logs import configure_logging
+    from gateway.core.logs import configure_logging
+    from gateway.security.egress import install_from_settings
 
     # Before any thread exists, so every thread inherits the mask: SIGTERM/SIGINT stay pending until
     # _run_until_signalled takes them (see there); `_stop_with_gateway_parent`'s own SIGTERM included.

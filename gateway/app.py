@@ -25,9 +25,10 @@ from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import apply_limits, authorize
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.tokens import TokenVerifier
+from gateway.core.settings import Settings
+from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.engine.base import Engine
-from gateway.master_key import cipher_from_settings
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
 from gateway.routes.audit import list_audit_records
 from gateway.routes.chat import ChatController
 from gateway.routes.errors import EXCEPTION_HANDLERS
@@ -36,11 +37,10 @@ from gateway.routes.fine_tuning import FineTuningController
 from gateway.routes.health import healthz, readyz
 from gateway.routes.metrics import metrics_route
 from gateway.routes.models import ModelsController
+from gateway.security.master_key import cipher_from_settings
 from gateway.serving.chat import ChatService
 from gateway.serving.finetuned import FineTuningServices
 from gateway.serving.registry import ModelRegistry
-from gateway.settings import Settings
-from gateway.worker_supervisor import WorkerSupervisor
 
 __all__ = ["build_engine", "create_app"]
 

@@ -3,9 +3,9 @@
 Section 1, the egress guard: nothing in the test run may reach past this machine.  Any connect (TCP or UDP,
 sync or asyncio, via create_connection or a raw socket) or name lookup aimed at an address other than
 loopback or a Unix socket raises EgressBlocked, and the test that tried fails at teardown even if the code
-under test swallowed the exception.  It is the product's guard (gateway/egress.py) with an empty allow-list;
-the e2e server subprocess is not covered by this in-process patch, but `gateway serve` installs the same
-guard itself (privacy.block_egress is on by default).
+under test swallowed the exception.  It is the product's guard (gateway/security/egress.py) with an empty
+allow-list; the e2e server subprocess is not covered by this in-process patch, but `gateway serve` installs
+the same guard itself (privacy.block_egress is on by default).
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from gateway.egress import EgressBlocked, EgressGuard
+from gateway.security.egress import EgressBlocked, EgressGuard
 
 __all__ = ["EgressBlocked"]
 
 # ── Section 1: egress guard ─────────────────────────────────────────────────────────────────────────────────
-# The product's own guard (gateway/egress.py) with an empty allow-list: one implementation for both.
+# The product's own guard (gateway/security/egress.py) with an empty allow-list: one implementation for both.
 
 _attempts: list[str] = []
 

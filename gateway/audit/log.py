@@ -46,7 +46,7 @@ from gateway.audit.chain import Head, canonical_json, head_path_for, record_mac,
 from gateway.audit.pages import MAX_PAGE, AuditPage, read_audit_page
 from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
 from gateway.audit.recovery import AuditChainBroken, recover
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 
 __all__ = [
     "MAX_PAGE",

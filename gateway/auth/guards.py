@@ -18,7 +18,7 @@ from litestar.handlers.base import BaseRouteHandler
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter, Slot
 from gateway.auth.principal import ALL_SCOPES, Principal
 from gateway.auth.tokens import TokenVerifier
-from gateway.errors import AuthenticationFailed, GatewayError, PermissionDenied
+from gateway.core.errors import AuthenticationFailed, GatewayError, PermissionDenied
 
 __all__ = ["ANONYMOUS", "apply_limits", "authorize", "provide_principal", "release_tenant_slot"]
 

@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from contracts.private_files import write_private_file
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 
 __all__ = ["DevKeys", "KeyKind", "ensure_dev_keys", "generate_keypair"]
 

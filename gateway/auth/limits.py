@@ -22,7 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from types import TracebackType
 
-from gateway.errors import RateLimited
+from gateway.core.errors import RateLimited
 
 __all__ = ["ConcurrencyLimiter", "RateLimiter", "Slot"]
 

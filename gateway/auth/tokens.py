@@ -32,8 +32,8 @@ from jwt.exceptions import InvalidSubjectError
 
 from gateway.auth.principal import ALL_SCOPES, Principal
 from gateway.auth.revocations import RevocationList, RevocationListUnreadable
-from gateway.errors import AuthenticationFailed, GatewayError
-from gateway.settings import Settings
+from gateway.core.errors import AuthenticationFailed, GatewayError
+from gateway.core.settings import Settings
 
 __all__ = [
     "REQUIRED_CLAIMS",

@@ -23,6 +23,13 @@ from typing import Any, TypeVar
 import structlog
 import torch
 
+from gateway.core.errors import (
+    ContextLengthExceeded,
+    EngineUnavailable,
+    InvalidRequest,
+    NotFound,
+    RateLimited,
+)
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.lora import LoraAdapter
@@ -31,13 +38,6 @@ from gateway.engine.quantized import Scheme
 from gateway.engine.runner import ModelRunner
 from gateway.engine.sampling import SequenceSampler
 from gateway.engine.scheduler import Group, Scheduler, Sequence
-from gateway.errors import (
-    ContextLengthExceeded,
-    EngineUnavailable,
-    InvalidRequest,
-    NotFound,
-    RateLimited,
-)
 
 __all__ = ["LocalEngine"]
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import torch
 
+from gateway.core.errors import EngineFailure
 from gateway.engine.quantized import Scheme
-from gateway.errors import EngineFailure
 
 __all__ = ["resolve_dtype", "resolve_quantization"]
 

@@ -31,12 +31,12 @@ from typing import Any
 import structlog
 import torch
 
+from gateway.core.errors import EngineFailure, EngineUnavailable, GatewayError
 from gateway.engine.base import ChoiceDelta, FinishReason, TokenLogprob
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.lora import LoraAdapter
 from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch
 from gateway.engine.sampling import SequenceSampler, sample_batch
-from gateway.errors import EngineFailure, EngineUnavailable, GatewayError
 
 __all__ = ["MAX_FAILED_STEPS", "Group", "Scheduler", "Sequence"]
 

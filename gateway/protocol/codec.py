@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import msgspec
 
-from gateway.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest
 
 __all__ = ["decode_body"]
 

@@ -16,7 +16,7 @@ import anyio
 from litestar import Request, get
 
 from gateway.audit.log import MAX_PAGE, AuditLog
-from gateway.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest
 
 __all__ = ["list_audit_records"]
 

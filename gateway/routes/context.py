@@ -9,7 +9,7 @@ from typing import Any
 from litestar.connection import ASGIConnection
 
 from gateway.auth.principal import Principal
-from gateway.errors import AuthenticationFailed
+from gateway.core.errors import AuthenticationFailed
 
 __all__ = ["principal_of", "request_id_of", "set_audit", "usage_sink"]
 

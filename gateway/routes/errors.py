@@ -9,7 +9,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.exceptions import NotFoundException as LitestarNotFound
 
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
 
 __all__ = ["EXCEPTION_HANDLERS"]
 

@@ -15,7 +15,7 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
-from gateway.errors import InvalidRequest, PayloadTooLarge
+from gateway.core.errors import InvalidRequest, PayloadTooLarge
 from gateway.protocol.files import DeletedFile, FileList, FileObject
 from gateway.routes.context import principal_of, set_audit
 from gateway.serving.files import FileService, Upload

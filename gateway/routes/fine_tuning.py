@@ -9,7 +9,7 @@ from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from gateway.errors import InvalidRequest
+from gateway.core.errors import InvalidRequest
 from gateway.protocol import fine_tuning as p
 from gateway.protocol.codec import decode_body
 from gateway.routes.context import principal_of, set_audit

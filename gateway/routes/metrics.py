@@ -24,8 +24,8 @@ from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
 from gateway.auth.guards import apply_limits, authorize
-from gateway.metrics import GatewayMetrics
-from gateway.settings import Settings
+from gateway.core.settings import Settings
+from gateway.observability.metrics import GatewayMetrics
 
 __all__ = ["is_local_request", "metrics_route"]
 

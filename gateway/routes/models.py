@@ -8,7 +8,7 @@ from litestar import Controller, Request, delete, get
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
-from gateway.errors import PermissionDenied
+from gateway.core.errors import PermissionDenied
 from gateway.protocol.models import DeletedModel, Model, ModelList
 from gateway.routes.context import principal_of, set_audit
 from gateway.serving.registry import ModelEntry, ModelRegistry

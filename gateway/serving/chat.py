@@ -12,15 +12,15 @@ import msgspec
 import structlog
 
 from gateway.auth.principal import Principal
+from gateway.core.errors import GatewayError, InvalidRequest
+from gateway.core.settings import LimitSettings
 from gateway.engine.base import ChatMessage, ChoiceDelta, GenerationRequest, GenerationStream, SamplingParams
 from gateway.engine.base import TokenLogprob as EngineLogprob
-from gateway.errors import GatewayError, InvalidRequest
-from gateway.metrics import GatewayMetrics
+from gateway.observability.metrics import GatewayMetrics
 from gateway.protocol import chat as p
 from gateway.protocol import completions as pc
 from gateway.serving.registry import ModelEntry, ModelRegistry
 from gateway.serving.streams import MergedStream
-from gateway.settings import LimitSettings
 
 __all__ = ["ChatService", "UsageSink"]
 

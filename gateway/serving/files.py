@@ -25,7 +25,7 @@ import structlog
 from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
 from gateway.auth.principal import Principal
-from gateway.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
+from gateway.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.protocol.files import UPLOAD_PURPOSES
 from gateway.store import ACTIVE, FileRecord, Page, Store, new_id
 

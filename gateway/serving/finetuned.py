@@ -23,12 +23,12 @@ import structlog
 
 from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
-from gateway.encryption import Cipher
-from gateway.errors import GatewayError
+from gateway.core.errors import GatewayError
+from gateway.core.settings import Settings
+from gateway.security.encryption import Cipher
 from gateway.serving.files import FileService
 from gateway.serving.jobs import JobService
 from gateway.serving.registry import ModelEntry, ModelRegistry
-from gateway.settings import Settings
 from gateway.store import ModelRecord, Store
 
 __all__ = ["FineTunedModels", "FineTuningServices"]

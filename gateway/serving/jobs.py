@@ -21,7 +21,7 @@ from contracts import hyperparameters
 from contracts.blobs import BlobStorage
 from contracts.names import invalid_suffix
 from gateway.auth.principal import Principal
-from gateway.errors import InvalidRequest, NotFound
+from gateway.core.errors import InvalidRequest, NotFound
 from gateway.protocol import fine_tuning as p
 from gateway.serving.registry import ModelRegistry
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id

@@ -18,8 +18,8 @@ from pathlib import Path
 import structlog
 
 from gateway.auth.principal import Principal
+from gateway.core.errors import InvalidRequest, NotFound
 from gateway.engine.base import Engine
-from gateway.errors import InvalidRequest, NotFound
 
 __all__ = ["AdapterOpener", "ModelEntry", "ModelRegistry"]
 

@@ -18,7 +18,7 @@ import httpx
 
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
-from gateway.settings import Settings, load_settings
+from gateway.core.settings import Settings, load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SPEC = REPO / "spec" / "openai-openapi.yaml"  # vendored: spec/README.md

@@ -15,7 +15,7 @@ import pytest
 from gateway.audit.log import AuditChainBroken, AuditLog, AuditLogBusy, open_audit_log
 from gateway.audit.verify import NoAuditLog, format_result, verify_chain
 from gateway.auth.keys import ensure_dev_keys
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 
 KEY = b"k" * 32
 
@@ -170,7 +170,7 @@ def test_a_log_deleted_beside_its_head_is_tampering(log_path: Path) -> None:
 
 
 def test_the_cli_exit_status_names_the_verdict(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from gateway.cli import main
+    from gateway.cli.main import main
 
     settings = Settings(data_dir=str(tmp_path / "data"))
     ensure_dev_keys(settings)

@@ -19,8 +19,8 @@ from gateway.audit.log import AuditLog
 from gateway.audit.middleware import AuditMiddleware
 from gateway.audit.verify import verify_chain
 from gateway.auth.guards import authorize
+from gateway.core.settings import AuthSettings, Settings
 from gateway.routes.errors import EXCEPTION_HANDLERS
-from gateway.settings import AuthSettings, Settings
 
 KEY = b"k" * 32
 

@@ -16,7 +16,7 @@ from gateway.audit.log import AuditLog
 from gateway.audit.pages import _first_line_after
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
-from gateway.settings import LimitSettings, Settings
+from gateway.core.settings import LimitSettings, Settings
 from tests.unit.fake_engine import FakeEngine
 
 

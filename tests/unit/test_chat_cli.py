@@ -11,9 +11,9 @@ import httpx
 import openai
 import pytest
 
-from gateway.chat_cli import ChatSession, Command, add_arguments, default_url, explain, parse_command, run
-from gateway.cli import build_parser
-from gateway.settings import ServerSettings, Settings
+from gateway.cli.chat import ChatSession, Command, add_arguments, default_url, explain, parse_command, run
+from gateway.cli.main import build_parser
+from gateway.core.settings import ServerSettings, Settings
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.cli import main
+from gateway.cli.main import main
 
 REPO = Path(__file__).resolve().parents[2]
 MARKER = "<!-- generated below this line by `make docs`"

@@ -1,4 +1,4 @@
-"""gateway/egress.py, the product's guard: allow-list decisions, the patches, nesting, settings, logging.
+"""gateway/security/egress.py, the guard: allow-list decisions, the patches, nesting, settings, logging.
 
 The session guard from tests/conftest.py stays installed underneath, so a destination this guard lets
 through is still stopped before a real connect (and recorded; `forget_attempts` clears it where expected).
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from gateway.egress import EgressBlocked, EgressGuard, install_from_settings, parse_allow
-from gateway.settings import PrivacySettings, ServerSettings, Settings, load_settings
+from gateway.core.settings import PrivacySettings, ServerSettings, Settings, load_settings
+from gateway.security.egress import EgressBlocked, EgressGuard, install_from_settings, parse_allow
 from tests import conftest
 
 

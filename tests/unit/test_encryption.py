@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway.encryption import (
+from gateway.core.settings import PrivacySettings, Settings
+from gateway.security.encryption import (
     MAGIC,
     EncryptionError,
     FileCipher,
@@ -18,8 +19,7 @@ from gateway.encryption import (
     TamperedError,
     WrongMasterKey,
 )
-from gateway.master_key import cipher_from_settings, load_master_key
-from gateway.settings import PrivacySettings, Settings
+from gateway.security.master_key import cipher_from_settings, load_master_key
 
 CHUNK = 1024  # small chunks so a few KiB span many of them
 HEADER = 67

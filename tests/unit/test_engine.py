@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
+from gateway.core.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
 from gateway.engine.base import GenerationRequest, SamplingParams
 from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local import LocalEngine
 from gateway.engine.lora import AdapterError
 from gateway.engine.sampling import SequenceSampler, sample_batch
-from gateway.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
 from tests.unit.tiny_engine import NAME, collect, request
 from tests.unit.tiny_models import save_peft_adapter
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import pytest
 
+from gateway.core.errors import EngineFailure, EngineUnavailable
 from gateway.engine import scheduler as scheduler_module
 from gateway.engine.local import LocalEngine
 from gateway.engine.scheduler import MAX_FAILED_STEPS
-from gateway.errors import EngineFailure, EngineUnavailable
 from tests.unit.tiny_engine import collect, request
 
 EngineFactory = Callable[..., LocalEngine]

@@ -19,7 +19,7 @@ from litestar.testing import TestClient
 from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
-from gateway.settings import LimitSettings, PrivacySettings, Settings
+from gateway.core.settings import LimitSettings, PrivacySettings, Settings
 from tests.spec import validate
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.training_files import chat_jsonl

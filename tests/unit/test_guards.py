@@ -23,8 +23,8 @@ from gateway.auth.guards import apply_limits, authorize, provide_principal
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.principal import Principal
 from gateway.auth.tokens import TokenVerifier
+from gateway.core.settings import AuthSettings, Settings
 from gateway.routes.errors import EXCEPTION_HANDLERS
-from gateway.settings import AuthSettings, Settings
 
 ISS, AUD = "iss-test", "aud-test"
 SIGNING_KEY = ed25519.Ed25519PrivateKey.generate()

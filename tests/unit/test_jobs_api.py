@@ -18,7 +18,7 @@ from litestar.testing import TestClient
 from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
-from gateway.settings import LimitSettings, Settings
+from gateway.core.settings import LimitSettings, Settings
 from gateway.store import CheckpointRecord, FileRecord, ModelRecord, Store, new_id
 from tests.spec import validate
 from tests.unit.fake_engine import FakeEngine
@@ -537,8 +537,8 @@ def test_encrypted_adapters_reach_the_engine_in_plaintext(
     import base64
     import os
 
-    from gateway.encryption import FileCipher
-    from gateway.settings import PrivacySettings
+    from gateway.core.settings import PrivacySettings
+    from gateway.security.encryption import FileCipher
 
     key = os.urandom(32)
     monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(key).decode())

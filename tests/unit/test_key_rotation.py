@@ -15,22 +15,22 @@ import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
 
-from gateway import master_key
-from gateway.cli import main
-from gateway.encryption import (
+from gateway.cli.main import main
+from gateway.core.settings import PrivacySettings, Settings
+from gateway.security import master_key
+from gateway.security.encryption import (
     Cipher,
     FileCipher,
     TamperedError,
     WrongMasterKey,
 )
-from gateway.master_key import (
+from gateway.security.master_key import (
     cipher_from_settings,
     master_key_path,
     retiring_key_path,
     rotate_master_key,
     rotate_tree,
 )
-from gateway.settings import PrivacySettings, Settings
 
 HEADER = 67
 REPO = Path(__file__).resolve().parents[2]
@@ -421,7 +421,7 @@ def test_keys_without_a_subcommand_still_makes_a_signing_pair(tmp_path: Path) ->
 
 def test_a_gateway_started_during_the_rotation_fails_at_start_up(settings: Settings) -> None:
     from gateway.audit.log import AuditLog, AuditLogBusy
-    from gateway.cli import _service_stopped
+    from gateway.cli.main import _service_stopped
 
     path, key = settings.data_path / settings.audit.path, os.urandom(32)
     AuditLog(path, key).close()  # a gateway ran here before

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
-from gateway.errors import RateLimited
+from gateway.core.errors import RateLimited
 
 
 class FakeClock:

@@ -16,9 +16,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
+from gateway.core.settings import AuthSettings, LimitSettings, Settings
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
-from gateway.metrics import GatewayMetrics
-from gateway.settings import AuthSettings, LimitSettings, Settings
+from gateway.observability.metrics import GatewayMetrics
 from tests.unit import fake_engine
 from tests.unit.peer import REMOTE, Peer
 

@@ -16,8 +16,8 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
-from gateway.settings import Settings
-from gateway.worker_supervisor import WorkerSupervisor
+from gateway.core.settings import Settings
+from gateway.core.worker_supervisor import WorkerSupervisor
 from tests.unit.fake_engine import FakeEngine
 
 MODEL = "smollm2-135m-instruct"

@@ -14,9 +14,9 @@ import pytest
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.revocations import RevocationList, RevocationListUnreadable
 from gateway.auth.tokens import TokenVerifier, mint_dev_token
-from gateway.cli import main
-from gateway.errors import AuthenticationFailed, GatewayError
-from gateway.settings import Settings
+from gateway.cli.main import main
+from gateway.core.errors import AuthenticationFailed, GatewayError
+from gateway.core.settings import Settings
 
 
 @pytest.fixture

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.settings import METRICS_ACCESS, AuthSettings, load_settings
+from gateway.core.settings import METRICS_ACCESS, AuthSettings, load_settings
 
 
 def test_metrics_access_defaults_to_loopback() -> None:

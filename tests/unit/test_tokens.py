@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from gateway.auth.keys import ensure_dev_keys, generate_keypair
 from gateway.auth.tokens import TokenVerifier, mint_dev_token, mint_token, parse_ttl
-from gateway.errors import AuthenticationFailed
-from gateway.settings import AuthSettings, PrivacySettings, Settings
+from gateway.core.errors import AuthenticationFailed
+from gateway.core.settings import AuthSettings, PrivacySettings, Settings
 
 ISS, AUD = "test-issuer", "test-audience"
 

@@ -23,8 +23,8 @@ from contracts.blobs import BlobStorage
 from contracts.hyperparameters import resolve
 from finetune.config import InvalidSetting
 from finetune.worker import MAX_ATTEMPTS, Worker, _run_until_signalled
-from gateway.encryption import FileCipher
-from gateway.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
+from gateway.core.settings import FinetuneSettings, ModelSettings, PrivacySettings, Settings
+from gateway.security.encryption import FileCipher
 from gateway.store import FileRecord, JobRecord, Store, new_id
 from tests.unit.tiny_models import tiny_llama_config
 
@@ -191,7 +191,7 @@ def _setup(tmp_path: Path, **settings: Any) -> Setup:
         **settings,
     )
     store = Store.open(config.data_path)
-    from gateway.master_key import cipher_from_settings
+    from gateway.security.master_key import cipher_from_settings
 
     return Setup(config, store, BlobStorage(cipher_from_settings(config), config.data_path))
 

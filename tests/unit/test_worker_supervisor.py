@@ -9,8 +9,8 @@ import sys
 
 import structlog.testing
 
-from gateway.metrics import GatewayMetrics
-from gateway.worker_supervisor import WorkerSupervisor
+from gateway.core.worker_supervisor import WorkerSupervisor
+from gateway.observability.metrics import GatewayMetrics
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(120)"]
 

@@ -25,8 +25,8 @@ from jwt import PyJWTError
 
 from contracts.private_files import ensure_private_dir, restrict_umask
 from gateway.audit.log import AuditChainBroken, AuditLogBusy
-from gateway.settings import Settings, iter_fields, load_settings
-from gateway.worker_supervisor import WorkerSupervisor
+from gateway.core.settings import Settings, iter_fields, load_settings
+from gateway.core.worker_supervisor import WorkerSupervisor
 
 __all__ = ["main"]
 
@@ -55,8 +55,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from gateway.app import create_app
     from gateway.auth.keys import ensure_dev_keys
-    from gateway.egress import install_from_settings
-    from gateway.logs import configure_logging
+    from gateway.core.logs import configure_logging
+    from gateway.security.egress import install_from_settings
 
     settings = _settings(args)
     configure_logging(settings.server.log_level)
@@ -202,7 +202,7 @@ def _service_stopped(settings: Settings) -> Iterator[None]:
 
 
 def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
-    from gateway.master_key import read_key_file, rotate_master_key
+    from gateway.security.master_key import read_key_file, rotate_master_key
 
     settings = _settings(args)
     if not settings.privacy.encrypt_at_rest:
@@ -267,7 +267,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    from gateway.chat_cli import run
+    from gateway.cli.chat import run
 
     return run(args)
 
@@ -329,7 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rotate.set_defaults(func=cmd_keys_rotate_master)
 
-    from gateway.chat_cli import add_arguments as add_chat_arguments
+    from gateway.cli.chat import add_arguments as add_chat_arguments
 
     chat = sub.add_parser("chat", help="interactive chat with a running gateway")
     add_chat_arguments(chat)

@@ -32,7 +32,7 @@ from typing import Any
 
 import structlog
 
-from gateway.settings import Settings
+from gateway.core.settings import Settings
 
 __all__ = ["EgressBlocked", "EgressGuard", "install_from_settings", "parse_allow"]
 

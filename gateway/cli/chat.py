@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from gateway.settings import Settings, load_settings
+from gateway.core.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     import openai

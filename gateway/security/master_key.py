@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from contracts.private_files import fsync_dir, write_private_file
-from gateway.encryption import (
+from gateway.core.settings import Settings
+from gateway.security.encryption import (
     KEY_BYTES,
     Cipher,
     FileCipher,
@@ -25,7 +26,6 @@ from gateway.encryption import (
     key_id_of,
     regular_files,
 )
-from gateway.settings import Settings
 
 __all__ = [
     "MasterKeyRotation",
