@@ -1,5 +1,6 @@
 """The projections a LoRA adapter may target: the ones the serving engine applies adapters to
-(gateway/engine/lora.py), so anything the trainer makes can be served.  "all-linear" means all of them."""
+(gateway/engine/local/lora.py), so anything the trainer makes can be served.  "all-linear" means all.
+"""
 
 from __future__ import annotations
 

@@ -103,7 +103,7 @@ def load_checkpoint(run: Run, checkpoint: Path) -> None:
 
 
 def save_adapter(model: Any, directory: Path) -> None:
-    # Only the LoRA weights: the engine (gateway/engine/lora.py) refuses anything else.
+    # Only the LoRA weights: the engine (gateway/engine/local/lora.py) refuses anything else.
     model.save_pretrained(str(directory), safe_serialization=True, save_embedding_layers=False)
     (directory / "README.md").unlink(missing_ok=True)  # peft's empty model-card template
 

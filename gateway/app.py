@@ -28,6 +28,7 @@ from gateway.auth.tokens import TokenVerifier
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.engine.base import Engine
+from gateway.engine.factory import EngineFactory, build_engine
 from gateway.observability.metrics import GatewayMetrics
 from gateway.routes.audit import list_audit_records
 from gateway.routes.chat import ChatController
@@ -42,35 +43,9 @@ from gateway.serving.chat import ChatService
 from gateway.serving.finetuned import FineTuningServices
 from gateway.serving.registry import ModelRegistry
 
-__all__ = ["build_engine", "create_app"]
+__all__ = ["create_app"]
 
 log = structlog.get_logger(__name__)
-
-EngineFactory = Callable[[str], Engine]
-
-
-def build_engine(settings: Settings, name: str) -> Engine:
-    """Prepare (convert once if GGUF) and start the local engine for base model `name`.  Blocking."""
-    from contracts.base_models import prepare
-    from gateway.engine.local import LocalEngine
-
-    source = settings.models.sources()[name]
-    engine = LocalEngine(
-        name,
-        lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
-        dtype=settings.models.dtype,
-        max_running=settings.engine.max_running,
-        max_queued=settings.engine.max_queued,
-        max_model_len=settings.models.max_model_len,
-        prefill_token_budget=settings.engine.prefill_token_budget,
-        default_max_tokens=settings.engine.default_max_tokens,
-        max_adapters=settings.engine.max_adapters,
-        threads=settings.engine.threads,
-        quantization=settings.engine.quantization,
-        quantized_max_rows=settings.engine.quantized_max_rows,
-    )
-    engine.start()
-    return engine
 
 
 def _base_model_names(settings: Settings) -> list[str]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.engine.local import LocalEngine
+from gateway.engine.local.engine import LocalEngine
 from tests.unit.tiny_engine import NAME, make_tiny_model_dir
 
 

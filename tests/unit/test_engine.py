@@ -14,10 +14,10 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from gateway.core.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
 from gateway.engine.base import GenerationRequest, SamplingParams
-from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from gateway.engine.local import LocalEngine
-from gateway.engine.lora import AdapterError
-from gateway.engine.sampling import SequenceSampler, sample_batch
+from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from gateway.engine.local.engine import LocalEngine
+from gateway.engine.local.lora import AdapterError
+from gateway.engine.local.sampling import SequenceSampler, sample_batch
 from tests.unit.tiny_engine import NAME, collect, request
 from tests.unit.tiny_models import save_peft_adapter
 
@@ -137,7 +137,7 @@ def test_the_model_and_adapters_load_on_the_engine_thread(  # type: ignore[no-un
 ) -> None:
     """All torch work of the serving process stays on one thread (LocalEngine._run says why)."""
     import contracts.base_models
-    from gateway.engine import local
+    from gateway.engine.local import engine as local
 
     loaded_on: list[str] = []
 

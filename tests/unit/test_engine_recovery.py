@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from gateway.core.errors import EngineFailure, EngineUnavailable
-from gateway.engine import scheduler as scheduler_module
-from gateway.engine.local import LocalEngine
-from gateway.engine.scheduler import MAX_FAILED_STEPS
+from gateway.engine.local import scheduler as scheduler_module
+from gateway.engine.local.engine import LocalEngine
+from gateway.engine.local.scheduler import MAX_FAILED_STEPS
 from tests.unit.tiny_engine import collect, request
 
 EngineFactory = Callable[..., LocalEngine]
@@ -150,7 +150,7 @@ def test_failures_in_a_row_rebuild_the_runner_and_queued_requests_are_served(
 def test_an_engine_that_cannot_be_rebuilt_fails_every_caller_and_says_so(
     engine_factory: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from gateway.engine import local
+    from gateway.engine.local import engine as local
 
     monkeypatch.setattr(local, "REBUILD_BACKOFF_SECONDS", 0.01)
     engine = engine_factory()

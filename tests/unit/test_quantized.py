@@ -12,9 +12,9 @@ from transformers import LlamaForCausalLM
 
 from contracts.base_models import embedded_gguf, gguf_weight_bits, prepare
 from gateway.core.errors import EngineFailure
-from gateway.engine.precision import resolve_quantization
-from gateway.engine.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
-from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
+from gateway.engine.local.precision import resolve_quantization
+from gateway.engine.local.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
+from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
 from tests.unit.tiny_models import tiny_llama_config
 
 torch.manual_seed(0)

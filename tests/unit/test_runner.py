@@ -9,8 +9,14 @@ import pytest
 import torch
 from transformers import LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from gateway.engine.lora import AdapterError, LoraAdapter
-from gateway.engine.runner import _SHORT_CONTEXT, ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
+from gateway.engine.local.lora import AdapterError, LoraAdapter
+from gateway.engine.local.runner import (
+    _SHORT_CONTEXT,
+    ModelRunner,
+    PrefillSegment,
+    StepBatch,
+    UnsupportedModel,
+)
 from tests.unit.tiny_models import save_peft_adapter, tiny_llama_config
 
 torch.manual_seed(0)

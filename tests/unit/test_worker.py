@@ -514,7 +514,7 @@ def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     import torch
     from transformers import LlamaForCausalLM
 
-    from gateway.engine.lora import LoraAdapter
+    from gateway.engine.local.lora import LoraAdapter
     from tests.unit.test_data import make_chatml_tokenizer
 
     tokenizer = make_chatml_tokenizer()

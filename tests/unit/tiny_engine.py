@@ -11,7 +11,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 
 from contracts.base_models import embedded_gguf
 from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
-from gateway.engine.local import LocalEngine
+from gateway.engine.local.engine import LocalEngine
 from tests.unit.tiny_models import tiny_llama_config
 
 NAME = "tiny"

@@ -33,10 +33,10 @@ import torch
 
 from gateway.core.errors import EngineFailure, EngineUnavailable, GatewayError
 from gateway.engine.base import ChoiceDelta, FinishReason, TokenLogprob
-from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from gateway.engine.lora import LoraAdapter
-from gateway.engine.runner import ModelRunner, PrefillSegment, StepBatch
-from gateway.engine.sampling import SequenceSampler, sample_batch
+from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from gateway.engine.local.lora import LoraAdapter
+from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch
+from gateway.engine.local.sampling import SequenceSampler, sample_batch
 
 __all__ = ["MAX_FAILED_STEPS", "Group", "Scheduler", "Sequence"]
 

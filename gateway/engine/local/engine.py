@@ -31,13 +31,13 @@ from gateway.core.errors import (
     RateLimited,
 )
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
-from gateway.engine.detokenizer import IncrementalDetokenizer, StopMatcher
-from gateway.engine.lora import LoraAdapter
-from gateway.engine.precision import resolve_dtype, resolve_quantization
-from gateway.engine.quantized import Scheme
-from gateway.engine.runner import ModelRunner
-from gateway.engine.sampling import SequenceSampler
-from gateway.engine.scheduler import Group, Scheduler, Sequence
+from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from gateway.engine.local.lora import LoraAdapter
+from gateway.engine.local.precision import resolve_dtype, resolve_quantization
+from gateway.engine.local.quantized import Scheme
+from gateway.engine.local.runner import ModelRunner
+from gateway.engine.local.sampling import SequenceSampler
+from gateway.engine.local.scheduler import Group, Scheduler, Sequence
 
 __all__ = ["LocalEngine"]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from gateway.core.errors import EngineFailure
-from gateway.engine.quantized import Scheme
+from gateway.engine.local.quantized import Scheme
 
 __all__ = ["resolve_dtype", "resolve_quantization"]
 

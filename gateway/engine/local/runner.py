@@ -23,8 +23,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from gateway.engine.lora import LoraAdapter
-from gateway.engine.quantized import QuantizedWeight, Scheme, quantize
+from gateway.engine.local.lora import LoraAdapter
+from gateway.engine.local.quantized import QuantizedWeight, Scheme, quantize
 
 __all__ = ["SUPPORTED_ARCHITECTURES", "ModelRunner", "PrefillSegment", "StepBatch", "UnsupportedModel"]
 
