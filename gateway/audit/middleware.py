@@ -2,15 +2,15 @@
 
 It sits outside Litestar so that nothing escapes it: unrouted paths (404), refused tokens (401/403), limits
 (429), handler errors and streams that end with the client gone all produce one record.  It reads what the
-inner layers left in scope: `route_handler` and `path_template` (Litestar's router), and in scope["state"]
-the `principal` (the guard) and `audit_resource_id`, `audit_prompt_tokens`, `audit_completion_tokens`
+inner layers left: `route_handler` and `path_template` in the scope (Litestar's router), and the request's
+RequestState (gateway/core/request_state.py): the principal (the guard), the resource id and token counts
 (handlers).  The record is written just before the response's last chunk is handed over (a streamed
 response's generator has finished by then, so token counts are final), or, for a response that never
 finished (client gone, handler error), once the app has returned.
 
 The request id is the caller's `x-request-id` when it is a plain token (<= 64 of [A-Za-z0-9._-]), else a new
 uuid4 hex; it is echoed as the `x-request-id` response header, bound into structlog's context for the
-request, and kept at scope["state"]["request_id"] for handlers.
+request, and kept in the RequestState for handlers.
 """
 
 from __future__ import annotations
@@ -27,8 +27,7 @@ import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.audit.log import AuditLog
-from gateway.auth.guards import release_tenant_slot
-from gateway.auth.principal import Principal
+from gateway.core.request_state import RequestState, request_state
 
 __all__ = ["REQUEST_ID_HEADER", "AuditMiddleware", "outcome_for"]
 
@@ -82,8 +81,8 @@ class AuditMiddleware:
             await self.app(scope, receive, send)
             return
         request_id = _request_id(scope)
-        state: dict[str, Any] = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        state = request_state(scope)
+        state.request_id = request_id
         started_at = datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         start = time.perf_counter()
         raw_path, method = str(scope.get("path", "")), str(scope.get("method", ""))
@@ -119,14 +118,17 @@ class AuditMiddleware:
             failure = exc
             raise
         finally:
-            release_tenant_slot(state)
+            try:
+                state.finish()  # the tenant's in-flight slot, and anything else held for the request
+            except Exception as exc:
+                log.error("request.release_failed", request_id=request_id, error_type=type(exc).__name__)
             if not response["written"]:
                 await write(_unfinished_status(response["status"], failure))
 
     @staticmethod
     def _record(
         scope: Scope,
-        state: dict[str, Any],
+        state: RequestState,
         request_id: str,
         started_at: str,
         start: float,
@@ -136,24 +138,22 @@ class AuditMiddleware:
     ) -> dict[str, Any]:
         handler = scope.get("route_handler")
         opt = getattr(handler, "opt", None) or {}
-        principal = state.get("principal")
+        principal = state.principal
         client = scope.get("client")
         return {
             "time": started_at,
             "request_id": request_id,
-            "subject": principal.subject if isinstance(principal, Principal) else None,
-            "tenant": principal.tenant if isinstance(principal, Principal) else None,
+            "subject": principal.subject if principal is not None else None,
+            "tenant": principal.tenant if principal is not None else None,
             "client": client[0] if client else None,
             "method": method,
             # The template (/v1/models/{model_id:str}) when routed; the raw path only for unrouted requests.
             "route": scope.get("path_template") or raw_path,
             "action": _str_or_none(opt.get("action")),
-            "resource_id": state.get("audit_resource_id")
-            if isinstance(state.get("audit_resource_id"), str)
-            else None,
+            "resource_id": _str_or_none(state.resource_id),
             "status": status,
             "outcome": outcome_for(status),
             "duration_ms": round((time.perf_counter() - start) * 1000, 3),
-            "prompt_tokens": _int_or_none(state.get("audit_prompt_tokens")),
-            "completion_tokens": _int_or_none(state.get("audit_completion_tokens")),
+            "prompt_tokens": _int_or_none(state.prompt_tokens),
+            "completion_tokens": _int_or_none(state.completion_tokens),
         }

@@ -30,9 +30,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from jwt.exceptions import InvalidSubjectError
 
-from gateway.auth.principal import ALL_SCOPES, Principal
 from gateway.auth.revocations import RevocationList, RevocationListUnreadable
 from gateway.core.errors import AuthenticationFailed, GatewayError
+from gateway.core.principal import ALL_SCOPES, Principal
 from gateway.core.settings import Settings
 
 __all__ = [

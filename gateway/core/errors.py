@@ -30,6 +30,7 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
+    "error_envelope",
 ]
 
 
@@ -53,14 +54,14 @@ class GatewayError(Exception):
         self.headers = headers or {}
 
     def envelope(self) -> dict[str, dict[str, str | None]]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
+        return error_envelope(self.message, self.error_type, self.param, self.code)
+
+
+def error_envelope(
+    message: str, error_type: str, param: str | None, code: str | None
+) -> dict[str, dict[str, str | None]]:
+    """OpenAI's error body, the one place it is built: {"error": {"message", "type", "param", "code"}}."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 class InvalidRequest(GatewayError):

@@ -77,6 +77,10 @@ class ModelSettings:
     )
     max_model_len: int = _f(2048, "Longest prompt + completion the engine holds for one sequence.")
 
+    def names(self) -> list[str]:
+        """Every base model's name, the default first (without looking at their files)."""
+        return [self.default, *[name for name in self.base if name != self.default]]
+
     def sources(self) -> dict[str, Path]:
         """Every base model: name -> local directory or GGUF (the default first)."""
         return base_model_sources(self.default, self.base)

@@ -15,28 +15,27 @@ from litestar.response import Stream
 from litestar.testing import TestClient
 from litestar.types import Message, Receive, Scope, Send
 
+from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.audit.log import AuditLog
 from gateway.audit.middleware import AuditMiddleware
 from gateway.audit.verify import verify_chain
-from gateway.auth.guards import authorize
-from gateway.core.settings import AuthSettings, Settings
-from gateway.routes.errors import EXCEPTION_HANDLERS
+from gateway.auth.guards import Gate
+from gateway.core.request_state import RequestState, request_state
 
 KEY = b"k" * 32
 
 
-def _state(request: Request[Any, Any, Any]) -> dict[str, Any]:
-    return request.scope["state"]  # type: ignore[return-value]
+def _state(request: Request[Any, Any, Any]) -> RequestState:
+    return request_state(request.scope)
 
 
 @get("/items/{item_id:str}", opt={"scope": "chat", "action": "item.read"})
 async def item(request: Request[Any, Any, Any], item_id: FromPath[str]) -> dict[str, Any]:
     state = _state(request)
-    state["audit_resource_id"] = item_id
-    state["audit_prompt_tokens"] = 11
-    state["audit_completion_tokens"] = 4
+    state.resource_id = item_id
+    state.record_usage(11, 4)
     return {
-        "request_id": state["request_id"],
+        "request_id": state.request_id,
         "logged_id": structlog.contextvars.get_contextvars()["request_id"],
     }
 
@@ -53,7 +52,7 @@ async def stream(request: Request[Any, Any, Any]) -> Stream:
     async def events() -> AsyncIterator[str]:
         for n in range(3):
             yield f"data: {n}\n\n"
-        state["audit_completion_tokens"] = 3  # known only once the stream is done
+        state.completion_tokens = 3  # known only once the stream is done
 
     return Stream(events(), media_type="text/event-stream")
 
@@ -74,9 +73,8 @@ def audit(tmp_path: Path) -> Iterator[AuditLog]:
 def client(tmp_path: Path, audit: AuditLog) -> Iterator[TestClient[Any]]:
     app = Litestar(
         route_handlers=[item, echo, stream, boom],
-        guards=[authorize],
+        guards=Gate(verifier=None).guards,  # authentication off: everyone is ANONYMOUS
         exception_handlers=EXCEPTION_HANDLERS,
-        state={"settings": Settings(data_dir=str(tmp_path), auth=AuthSettings(enabled=False))},
         openapi_config=None,
     )
     with TestClient(AuditMiddleware(app, audit)) as test_client:
@@ -250,7 +248,7 @@ def test_the_record_is_on_disk_before_the_response_ends(audit: AuditLog, tmp_pat
     async def streaming_app(scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"data: 0\n\n", "more_body": True})
-        scope["state"]["audit_completion_tokens"] = 1  # as the stream's generator does when it finishes
+        request_state(scope).completion_tokens = 1  # as the stream's generator does when it finishes
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     records_on_disk: list[int] = []

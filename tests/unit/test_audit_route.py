@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_app, services_of
 from gateway.audit.log import AuditLog
 from gateway.audit.pages import _first_line_after
 from gateway.auth.keys import ensure_dev_keys
@@ -118,7 +118,7 @@ def test_rate_limit_through_the_app(tmp_path: Path) -> None:
             client.get("/v1/models", headers=_bearer(settings, "models:read", sub="bob")).status_code == 200
         )
         assert client.get("/healthz").status_code == 200
-        records = app.app.state["audit_log"].read_page(0, 100)  # type: ignore[attr-defined]
+        records = services_of(app).audit_log.read_page(0, 100)
         assert [r["status"] for r in records[:6]] == [200] * 5 + [429]
         assert records[5]["outcome"] == "denied"
 

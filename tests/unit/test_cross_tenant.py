@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_app, services_of
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.core.settings import LimitSettings, Settings
@@ -77,7 +77,7 @@ def test_fine_tuned_model_is_invisible_to_other_tenants(tenancy: Tenancy) -> Non
     model_id = f"ft:{BASE}:acme::abcd1234"
     adapter = t.tmp / "adapter"
     adapter.mkdir()
-    registry = t.app.app.state["registry"]
+    registry = services_of(t.app).registry
     registry.register_adapter(model_id, base=BASE, tenant="acme", path=adapter, created=1, preload=False)
 
     assert t.client.get(f"/v1/models/{model_id}", headers=t.acme).json()["owned_by"] == "acme"

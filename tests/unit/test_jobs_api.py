@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_app, services_of
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.core.settings import LimitSettings, Settings
@@ -63,7 +63,7 @@ class Api:
 
     @property
     def store(self) -> Store:
-        return self.app.app.state["store"]
+        return services_of(self.app).store
 
 
 @contextmanager
@@ -252,10 +252,10 @@ def test_bad_job_requests_get_clear_errors(api: Api) -> None:
         created_at=1,
         path="files/results-r",
     )
-    api.app.app.state["store"].files.add(csv)  # as a job's results file is recorded (by the worker)
+    services_of(api.app).store.files.add(csv)  # as a job's results file is recorded (by the worker)
     wrong = error({"model": BASE, "training_file": csv.id})
     assert wrong["param"] == "training_file" and "purpose" in wrong["message"]
-    registry = api.app.app.state["registry"]
+    registry = services_of(api.app).registry
     registry.register_adapter(
         "ft:x:acme::1", base=BASE, tenant="acme", path=Path("/nonexistent"), created=1, preload=False
     )
@@ -438,7 +438,7 @@ def test_a_new_fine_tuned_model_is_servable_within_a_few_poll_ticks(api: Api) ->
 
 def test_a_model_finished_a_moment_ago_is_usable_before_the_poll_sees_it(api: Api) -> None:
     data = Path(api.settings.data_dir)
-    bridge = api.app.app.state["model_remover"].__self__  # the hot-load bridge (FineTunedModels)
+    bridge = services_of(api.app).fine_tuned  # the hot-load bridge
     bridge.poll_seconds = 3600.0
     time.sleep(0.5)  # its poll is asleep for an hour now: only the on-demand lookup can find the model
     model_id = f"ft:{BASE}:acme::now12345"

@@ -28,8 +28,8 @@ from litestar.testing import TestClient
 
 from gateway.app import create_app
 from gateway.auth.keys import ensure_dev_keys
-from gateway.auth.principal import ALL_SCOPES
 from gateway.auth.tokens import mint_dev_token
+from gateway.core.principal import ALL_SCOPES
 from gateway.core.settings import AuthSettings, LimitSettings, Settings
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.peer import REMOTE, Peer

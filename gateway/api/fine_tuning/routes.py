@@ -9,12 +9,13 @@ from litestar import Controller, Request, get, post
 from litestar.di import NamedDependency
 from litestar.params import FromPath
 
+from gateway.api.codec import decode_body
+from gateway.api.fine_tuning import protocol as p
+from gateway.api.fine_tuning.service import JobService
+from gateway.api.params import query_int, query_str
 from gateway.core.errors import InvalidRequest
-from gateway.protocol import fine_tuning as p
-from gateway.protocol.codec import decode_body
-from gateway.routes.context import principal_of, set_audit
-from gateway.routes.files import query_int, query_str
-from gateway.serving.jobs import JobService
+from gateway.core.principal import Principal
+from gateway.core.request_state import RequestState
 
 __all__ = ["FineTuningController"]
 
@@ -35,21 +36,27 @@ def _metadata_filter(request: Request[Any, Any, Any]) -> dict[str, str] | None:
 class FineTuningController(Controller):
     path = "/v1/fine_tuning/jobs"
 
-    @post(
-        "/",
-        status_code=200,
-        opt={"scope": "fine_tuning:write", "action": "fine_tuning.job.create"},
-    )
-    async def create(self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService]) -> p.Job:
-        body = decode_body(await request.body(), p.CreateJobRequest)
-        job = await jobs.create(principal_of(request), body)
-        set_audit(request, resource_id=job.id)
+    @post("/", status_code=200, opt={"scope": "fine_tuning:write", "action": "fine_tuning.job.create"})
+    async def create(
+        self,
+        request: Request[Any, Any, Any],
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+    ) -> p.Job:
+        job = await jobs.create(principal, decode_body(await request.body(), p.CreateJobRequest))
+        request_state.resource_id = job.id
         return job
 
     @get("/", sync_to_thread=True, opt={"scope": "fine_tuning:read", "action": "fine_tuning.job.list"})
-    def list_jobs(self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService]) -> p.JobList:
+    def list_jobs(
+        self,
+        request: Request[Any, Any, Any],
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+    ) -> p.JobList:
         return jobs.list(
-            principal_of(request),
+            principal,
             after=query_str(request, "after"),
             limit=query_int(request, "limit", default=20, minimum=1, maximum=100),
             metadata=_metadata_filter(request),
@@ -61,10 +68,14 @@ class FineTuningController(Controller):
         opt={"scope": "fine_tuning:read", "action": "fine_tuning.job.retrieve"},
     )
     def retrieve(
-        self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService], job_id: FromPath[str]
+        self,
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        job_id: FromPath[str],
     ) -> p.Job:
-        set_audit(request, resource_id=job_id)
-        return jobs.get(principal_of(request), job_id)
+        request_state.resource_id = job_id
+        return jobs.get(principal, job_id)
 
     @post(
         "/{job_id:str}/cancel",
@@ -73,10 +84,14 @@ class FineTuningController(Controller):
         opt={"scope": "fine_tuning:write", "action": "fine_tuning.job.cancel"},
     )
     def cancel(
-        self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService], job_id: FromPath[str]
+        self,
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        job_id: FromPath[str],
     ) -> p.Job:
-        set_audit(request, resource_id=job_id)
-        return jobs.cancel(principal_of(request), job_id)
+        request_state.resource_id = job_id
+        return jobs.cancel(principal, job_id)
 
     @get(
         "/{job_id:str}/events",
@@ -84,11 +99,16 @@ class FineTuningController(Controller):
         opt={"scope": "fine_tuning:read", "action": "fine_tuning.job.events"},
     )
     def events(
-        self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService], job_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        job_id: FromPath[str],
     ) -> p.JobEventList:
-        set_audit(request, resource_id=job_id)
+        request_state.resource_id = job_id
         return jobs.events(
-            principal_of(request),
+            principal,
             job_id,
             after=query_str(request, "after"),
             limit=query_int(request, "limit", default=20, minimum=1, maximum=1000),
@@ -100,11 +120,16 @@ class FineTuningController(Controller):
         opt={"scope": "fine_tuning:read", "action": "fine_tuning.job.checkpoints"},
     )
     def checkpoints(
-        self, request: Request[Any, Any, Any], jobs: NamedDependency[JobService], job_id: FromPath[str]
+        self,
+        request: Request[Any, Any, Any],
+        jobs: NamedDependency[JobService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        job_id: FromPath[str],
     ) -> p.CheckpointList:
-        set_audit(request, resource_id=job_id)
+        request_state.resource_id = job_id
         return jobs.checkpoints(
-            principal_of(request),
+            principal,
             job_id,
             after=query_str(request, "after"),
             limit=query_int(request, "limit", default=10, minimum=1, maximum=100),

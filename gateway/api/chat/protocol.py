@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: request, response and stream chunk shapes (CreateChatCompletion*)."""
+"""POST /v1/chat/completions (CreateChatCompletion*) and the legacy POST /v1/completions (CreateCompletion*):
+request, response and stream chunk shapes.  msgspec Structs; imports nothing of ours."""
 
 from __future__ import annotations
 
@@ -15,6 +16,10 @@ __all__ = [
     "Choice",
     "ChoiceLogprobs",
     "ChunkChoice",
+    "Completion",
+    "CompletionChoice",
+    "CompletionLogprobs",
+    "CompletionRequest",
     "Delta",
     "ResponseMessage",
     "SamplingRequest",
@@ -135,3 +140,37 @@ class ChatCompletionChunk(Struct):
 
 def encode(value: Struct) -> bytes:
     return msgspec.json.encode(value)
+
+
+# -- legacy completions ----------------------------------------------------------------------------------
+
+
+class CompletionRequest(SamplingRequest, kw_only=True):
+    prompt: str | Annotated[list[str], Meta(min_length=1)]  # token-id prompts are not served
+    max_tokens: Annotated[int, Meta(ge=1)] | None = 16
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    echo: bool | None = None
+
+
+class CompletionLogprobs(Struct):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class CompletionChoice(Struct):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(Struct):
+    id: str
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    object: Literal["text_completion"] = "text_completion"
+    system_fingerprint: str | UnsetType = UNSET
+    usage: Usage | UnsetType | None = UNSET

@@ -24,10 +24,10 @@ import structlog
 
 from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
-from gateway.auth.principal import Principal
+from gateway.api.files.protocol import UPLOAD_PURPOSES, DeletedFile, FileList, FileObject
 from gateway.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
-from gateway.protocol.files import UPLOAD_PURPOSES
-from gateway.store import ACTIVE, FileRecord, Page, Store, new_id
+from gateway.core.principal import Principal
+from gateway.store import ACTIVE, FileRecord, Store, new_id
 
 __all__ = ["FileService", "Upload", "file_not_found"]
 
@@ -95,7 +95,7 @@ class FileService:
 
     async def create(
         self, principal: Principal, *, purpose: str | None, filename: str | None, upload: Upload
-    ) -> FileRecord:
+    ) -> FileObject:
         """Validate and keep a received upload.  The caller discards `upload` whatever happens."""
         if purpose is None:
             raise InvalidRequest("Missing required parameter: 'purpose'.", param="purpose")
@@ -127,7 +127,7 @@ class FileService:
         )
         await asyncio.to_thread(self._commit, upload.path, record)
         log.info("file.stored", file_id=file_id, bytes=upload.size, rows=stats[0], format=stats[1])
-        return record
+        return file_object(record)
 
     def _validate(self, path: Path) -> tuple[int, str]:
         from contracts.training_data import DataError, validate_file
@@ -146,18 +146,28 @@ class FileService:
             raise file_not_found(file_id, param)
         return record
 
+    def retrieve(self, principal: Principal, file_id: str) -> FileObject:
+        return file_object(self.get(principal, file_id))
+
     def list(
         self, principal: Principal, *, purpose: str | None, after: str | None, limit: int, order: str
-    ) -> Page[FileRecord]:
-        return self.store.files.list_page(
+    ) -> FileList:
+        page = self.store.files.list_page(
             None if principal.is_admin else principal.tenant,
             purpose=purpose,
             after=after,
             limit=limit,
             newest_first=order == "desc",
         )
+        data = [file_object(r) for r in page.items]
+        return FileList(
+            data=data,
+            has_more=page.has_more,
+            first_id=data[0].id if data else "",
+            last_id=data[-1].id if data else "",
+        )
 
-    def delete(self, principal: Principal, file_id: str) -> FileRecord:
+    def delete(self, principal: Principal, file_id: str) -> DeletedFile:
         record = self.get(principal, file_id)
         for job in self.store.jobs.with_status(ACTIVE):
             if file_id in (job.training_file, job.validation_file):
@@ -170,13 +180,14 @@ class FileService:
         self.store.files.delete(file_id)
         self.blobs.remove(record.path)
         log.info("file.deleted", file_id=file_id)
-        return record
+        return DeletedFile(id=file_id, deleted=True)
 
-    def content(self, principal: Principal, file_id: str) -> tuple[FileRecord, Iterator[bytes]]:
+    def content(self, principal: Principal, file_id: str) -> tuple[int, Iterator[bytes]]:
+        """The file's size and its plaintext, chunk by chunk."""
         record = self.get(principal, file_id)
         if not self.blobs.exists(record.path):
             raise file_not_found(file_id)
-        return record, self.blobs.chunks(record.path)
+        return record.bytes, self.blobs.chunks(record.path)
 
     def sweep(self) -> int:
         """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
@@ -195,6 +206,16 @@ class FileService:
                     path.unlink(missing_ok=True)
                 removed += 1
         return removed
+
+
+def file_object(record: FileRecord) -> FileObject:
+    return FileObject(
+        id=record.id,
+        bytes=record.bytes,
+        created_at=record.created_at,
+        filename=record.filename,
+        purpose=record.purpose,
+    )
 
 
 def _clean_name(filename: str) -> str:

@@ -11,16 +11,16 @@ from typing import Any
 import msgspec
 import structlog
 
-from gateway.auth.principal import Principal
+from gateway.api.chat import protocol as p
+from gateway.api.chat.streams import MergedStream
+from gateway.api.models.registry import ModelEntry, ModelRegistry
 from gateway.core.errors import GatewayError, InvalidRequest
+from gateway.core.principal import Principal
+from gateway.core.request_state import RequestState
 from gateway.core.settings import LimitSettings
 from gateway.engine.base import ChatMessage, ChoiceDelta, GenerationRequest, GenerationStream, SamplingParams
 from gateway.engine.base import TokenLogprob as EngineLogprob
 from gateway.observability.metrics import GatewayMetrics
-from gateway.protocol import chat as p
-from gateway.protocol import completions as pc
-from gateway.serving.registry import ModelEntry, ModelRegistry
-from gateway.serving.streams import MergedStream
 
 __all__ = ["ChatService", "UsageSink"]
 
@@ -110,15 +110,15 @@ class ChatService:
     # -- chat --------------------------------------------------------------------------------------------
 
     async def chat(
-        self, req: p.ChatCompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
+        self, req: p.ChatCompletionRequest, principal: Principal, state: RequestState
     ) -> p.ChatCompletion | AsyncIterator[bytes]:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         gen = await self._generate(
             req,
             principal,
-            request_id,
-            on_usage,
+            state.request_id,
+            state.record_usage,
             max_tokens=req.max_completion_tokens or req.max_tokens,
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
@@ -176,8 +176,8 @@ class ChatService:
     # -- legacy completions ------------------------------------------------------------------------------
 
     async def complete(
-        self, req: pc.CompletionRequest, principal: Principal, request_id: str, on_usage: UsageSink
-    ) -> pc.Completion | AsyncIterator[bytes]:
+        self, req: p.CompletionRequest, principal: Principal, state: RequestState
+    ) -> p.Completion | AsyncIterator[bytes]:
         prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
         if len(prompts) > self._limits.max_prompts:
             raise InvalidRequest(
@@ -186,8 +186,8 @@ class ChatService:
         gen = await self._generate(
             req,
             principal,
-            request_id,
-            on_usage,
+            state.request_id,
+            state.record_usage,
             max_tokens=req.max_tokens,
             logprobs=req.logprobs is not None,
             top_logprobs=req.logprobs or 0,
@@ -205,7 +205,7 @@ class ChatService:
 
             def chunk(choices: list[Any], usage: p.Usage | msgspec.UnsetType | None) -> bytes:
                 return _event(
-                    pc.Completion(
+                    p.Completion(
                         id=completion_id, created=gen.created, model=req.model, choices=choices, usage=usage
                     )
                 )
@@ -217,19 +217,19 @@ class ChatService:
                 start = offsets.get(delta.index, 0) + len(echo)
                 offsets[delta.index] = offsets.get(delta.index, 0) + len(text)
                 logprobs = _completion_logprobs(delta.logprobs, start) if gen.sampling.logprobs else None
-                choice = pc.CompletionChoice(
+                choice = p.CompletionChoice(
                     index=delta.index, text=text, finish_reason=delta.finish_reason, logprobs=logprobs
                 )
                 return [[choice]]
 
             return gen.sse(chunk, choices_for, include_usage=include_usage)
         results, usage = await gen.collect()
-        return pc.Completion(
+        return p.Completion(
             id=completion_id,
             created=gen.created,
             model=req.model,
             choices=[
-                pc.CompletionChoice(
+                p.CompletionChoice(
                     index=i,
                     text=echo_of(i) + r.text,
                     finish_reason=r.finish or "stop",  # type: ignore[arg-type]
@@ -369,7 +369,7 @@ def _chat_logprobs(items: list[EngineLogprob] | None) -> list[p.TokenLogprob]:
     ]
 
 
-def _completion_logprobs(items: list[EngineLogprob] | None, offset: int) -> pc.CompletionLogprobs:
+def _completion_logprobs(items: list[EngineLogprob] | None, offset: int) -> p.CompletionLogprobs:
     tokens, values, tops, offsets = [], [], [], []
     for item in items or []:
         offsets.append(offset)
@@ -377,4 +377,4 @@ def _completion_logprobs(items: list[EngineLogprob] | None, offset: int) -> pc.C
         tokens.append(item.token)
         values.append(item.logprob)
         tops.append({t: lp for t, _, lp in item.top})
-    return pc.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
+    return p.CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)

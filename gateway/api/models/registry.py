@@ -17,8 +17,8 @@ from pathlib import Path
 
 import structlog
 
-from gateway.auth.principal import Principal
 from gateway.core.errors import InvalidRequest, NotFound
+from gateway.core.principal import Principal
 from gateway.engine.base import Engine
 
 __all__ = ["AdapterOpener", "ModelEntry", "ModelRegistry"]

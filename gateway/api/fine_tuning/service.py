@@ -20,10 +20,10 @@ import structlog
 from contracts import hyperparameters
 from contracts.blobs import BlobStorage
 from contracts.names import invalid_suffix
-from gateway.auth.principal import Principal
+from gateway.api.fine_tuning import protocol as p
+from gateway.api.models.registry import ModelRegistry
 from gateway.core.errors import InvalidRequest, NotFound
-from gateway.protocol import fine_tuning as p
-from gateway.serving.registry import ModelRegistry
+from gateway.core.principal import Principal
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id
 
 __all__ = [

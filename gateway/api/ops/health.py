@@ -7,11 +7,13 @@ import os
 import tempfile
 from typing import Any
 
-from litestar import Request, get
+from litestar import get
 from litestar.di import NamedDependency
 from litestar.response import Response
 
-from gateway.serving.registry import ModelRegistry
+from gateway.api.models.registry import ModelRegistry
+from gateway.core.settings import Settings
+from gateway.core.worker_supervisor import WorkerSupervisor
 
 __all__ = ["healthz", "readyz"]
 
@@ -23,11 +25,13 @@ async def healthz() -> dict[str, str]:
 
 @get("/readyz", opt={"public": True, "action": "health.ready"}, include_in_schema=False)
 async def readyz(
-    request: Request[Any, Any, Any], registry: NamedDependency[ModelRegistry]
+    registry: NamedDependency[ModelRegistry],
+    settings: NamedDependency[Settings],
+    worker: NamedDependency[WorkerSupervisor | None],
 ) -> Response[dict[str, Any]]:
     engines = registry.engines()
     engine_ready = bool(engines) and all(e.is_ready() for e in engines)
-    data_dir = request.app.state["settings"].data_path
+    data_dir = settings.data_path
     try:
         with tempfile.NamedTemporaryFile(dir=data_dir, prefix=".ready-"):
             pass
@@ -40,7 +44,6 @@ async def readyz(
         "engine": engine_ready,
         "data_dir_writable": writable,
     }
-    worker = request.app.state.get("worker")
     if worker is not None:  # reported, not required: chat is served while training is down
         body["worker"] = worker.up
     return Response(body, status_code=200 if ready else 503)

@@ -21,17 +21,13 @@ from pathlib import Path
 
 import structlog
 
-from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
+from gateway.api.models.registry import ModelEntry, ModelRegistry
 from gateway.core.errors import GatewayError
-from gateway.core.settings import Settings
 from gateway.security.encryption import Cipher
-from gateway.serving.files import FileService
-from gateway.serving.jobs import JobService
-from gateway.serving.registry import ModelEntry, ModelRegistry
 from gateway.store import ModelRecord, Store
 
-__all__ = ["FineTunedModels", "FineTuningServices"]
+__all__ = ["FineTunedModels"]
 
 log = structlog.get_logger(__name__)
 
@@ -156,33 +152,3 @@ class FineTunedModels:
         if removed:
             log.info("finetuned.deleted", models=len(removed), job_id=removed[0].job_id)
         return [record.id for record in removed]
-
-
-class FineTuningServices:
-    """Everything the files and fine-tuning routes need, built once per app: the store, the services, and
-    this bridge (wired as the registry's adapter opener and the model remover for DELETE /v1/models)."""
-
-    def __init__(self, settings: Settings, registry: ModelRegistry, cipher: Cipher) -> None:
-        data_dir = settings.data_path
-        self.store = Store.open(data_dir)
-        self.blobs = BlobStorage(cipher, data_dir)
-        self.files = FileService(
-            self.store,
-            self.blobs,
-            max_upload_bytes=settings.limits.max_upload_bytes,
-            max_train_rows=settings.finetune.max_train_rows,
-        )
-        self.jobs = JobService(self.store, self.blobs, registry)
-        self.models = FineTunedModels(self.store, registry, cipher, data_dir)
-        registry.adapter_opener = self.models.open_adapter
-        registry.on_miss = self.models.resolve
-
-    async def start(self) -> None:
-        await asyncio.to_thread(self.files.sweep)
-        await self.jobs.start()
-        await self.models.start()
-
-    async def close(self) -> None:
-        await self.models.close()
-        await self.jobs.close()
-        self.store.close()

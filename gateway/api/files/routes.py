@@ -15,50 +15,17 @@ from litestar.params import FromPath
 from litestar.response import Stream
 from multipart import MultipartError, MultipartSegment, PushMultipartParser
 
+from gateway.api.files.protocol import DeletedFile, FileList, FileObject
+from gateway.api.files.service import FileService, Upload
+from gateway.api.params import query_int, query_str
 from gateway.core.errors import InvalidRequest, PayloadTooLarge
-from gateway.protocol.files import DeletedFile, FileList, FileObject
-from gateway.routes.context import principal_of, set_audit
-from gateway.serving.files import FileService, Upload
-from gateway.store import FileRecord
+from gateway.core.principal import Principal
+from gateway.core.request_state import RequestState
 
-__all__ = ["FilesController", "query_int", "query_str"]
+__all__ = ["FilesController"]
 
 _FIELD_LIMIT = 4096  # bytes of a non-file form field (purpose, ...)
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and small fields on top of the file itself
-
-
-def query_str(
-    request: Request[Any, Any, Any], name: str, *, choices: tuple[str, ...] | None = None
-) -> str | None:
-    value = request.query_params.get(name)
-    if value is not None and choices is not None and value not in choices:
-        raise InvalidRequest(f"Invalid value for '{name}': expected one of {', '.join(choices)}.", param=name)
-    return value
-
-
-def query_int(request: Request[Any, Any, Any], name: str, *, default: int, minimum: int, maximum: int) -> int:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidRequest(f"Invalid value for '{name}': expected an integer.", param=name) from None
-    if not minimum <= value <= maximum:
-        raise InvalidRequest(
-            f"Invalid value for '{name}': must be between {minimum} and {maximum}.", param=name
-        )
-    return value
-
-
-def file_object(record: FileRecord) -> FileObject:
-    return FileObject(
-        id=record.id,
-        bytes=record.bytes,
-        created_at=record.created_at,
-        filename=record.filename,
-        purpose=record.purpose,
-    )
 
 
 async def _read_form(
@@ -109,9 +76,12 @@ class FilesController(Controller):
         opt={"scope": "files:write", "action": "file.upload"},
     )
     async def upload(
-        self, request: Request[Any, Any, Any], files: NamedDependency[FileService]
+        self,
+        request: Request[Any, Any, Any],
+        files: NamedDependency[FileService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
     ) -> FileObject:
-        principal = principal_of(request)
         content_type, options = request.content_type
         boundary = options.get("boundary")
         if content_type != "multipart/form-data" or not boundary:
@@ -127,37 +97,39 @@ class FilesController(Controller):
         upload = files.receive()
         try:
             fields, filename = await _read_form(request.stream(), boundary, upload)
-            record = await files.create(
+            created = await files.create(
                 principal, purpose=fields.get("purpose"), filename=filename, upload=upload
             )
         finally:
             upload.discard()
-        set_audit(request, resource_id=record.id)
-        return file_object(record)
+        request_state.resource_id = created.id
+        return created
 
     @get("/", sync_to_thread=True, opt={"scope": "files:read", "action": "file.list"})
-    def list_files(self, request: Request[Any, Any, Any], files: NamedDependency[FileService]) -> FileList:
-        result = files.list(
-            principal_of(request),
+    def list_files(
+        self,
+        request: Request[Any, Any, Any],
+        files: NamedDependency[FileService],
+        principal: NamedDependency[Principal],
+    ) -> FileList:
+        return files.list(
+            principal,
             purpose=query_str(request, "purpose"),
             after=query_str(request, "after"),
             limit=query_int(request, "limit", default=10_000, minimum=1, maximum=10_000),
             order=query_str(request, "order", choices=("asc", "desc")) or "desc",
         )
-        data = [file_object(r) for r in result.items]
-        return FileList(
-            data=data,
-            has_more=result.has_more,
-            first_id=data[0].id if data else "",
-            last_id=data[-1].id if data else "",
-        )
 
     @get("/{file_id:str}", sync_to_thread=True, opt={"scope": "files:read", "action": "file.retrieve"})
     def retrieve(
-        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+        self,
+        files: NamedDependency[FileService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        file_id: FromPath[str],
     ) -> FileObject:
-        set_audit(request, resource_id=file_id)
-        return file_object(files.get(principal_of(request), file_id))
+        request_state.resource_id = file_id
+        return files.retrieve(principal, file_id)
 
     @delete(
         "/{file_id:str}",
@@ -166,18 +138,23 @@ class FilesController(Controller):
         opt={"scope": "files:write", "action": "file.delete"},
     )
     def delete_file(
-        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+        self,
+        files: NamedDependency[FileService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        file_id: FromPath[str],
     ) -> DeletedFile:
-        set_audit(request, resource_id=file_id)
-        files.delete(principal_of(request), file_id)
-        return DeletedFile(id=file_id, deleted=True)
+        request_state.resource_id = file_id
+        return files.delete(principal, file_id)
 
     @get("/{file_id:str}/content", sync_to_thread=True, opt={"scope": "files:read", "action": "file.content"})
     def content(
-        self, request: Request[Any, Any, Any], files: NamedDependency[FileService], file_id: FromPath[str]
+        self,
+        files: NamedDependency[FileService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
+        file_id: FromPath[str],
     ) -> Response[Any]:
-        set_audit(request, resource_id=file_id)
-        record, chunks = files.content(principal_of(request), file_id)
-        return Stream(
-            chunks, media_type="application/octet-stream", headers={"Content-Length": str(record.bytes)}
-        )
+        request_state.resource_id = file_id
+        size, chunks = files.content(principal, file_id)
+        return Stream(chunks, media_type="application/octet-stream", headers={"Content-Length": str(size)})

@@ -19,11 +19,12 @@ from typing import Any
 
 from litestar import Request, Response, get
 from litestar.connection import ASGIConnection
+from litestar.di import NamedDependency
 from litestar.handlers import HTTPRouteHandler
 from litestar.handlers.base import BaseRouteHandler
 from litestar.types import Guard
 
-from gateway.auth.guards import apply_limits, authorize
+from gateway.auth.guards import Gate
 from gateway.core.settings import Settings
 from gateway.observability.metrics import GatewayMetrics
 
@@ -46,18 +47,21 @@ def is_local_request(connection: ASGIConnection[Any, Any, Any, Any]) -> bool:
     return address.is_loopback
 
 
-def _local_or_admin(connection: ASGIConnection[Any, Any, Any, Any], route_handler: BaseRouteHandler) -> None:
-    """The handler is marked public so the app-wide guards let a local scrape through without a token; any
-    other request gets those same guards, run against the handler without its `public` mark."""
-    if is_local_request(connection):
-        return
-    as_private = copy(route_handler)  # Litestar hands each guard a copy too; the registered one is untouched
-    as_private.opt = {key: value for key, value in route_handler.opt.items() if key != "public"}
-    authorize(connection, as_private)
-    apply_limits(connection, as_private)
+def _local_or_admin(gate: Gate) -> Guard:
+    def guard(connection: ASGIConnection[Any, Any, Any, Any], route_handler: BaseRouteHandler) -> None:
+        """The handler is marked public so the app-wide guards let a local scrape through without a token;
+        any other request gets those same guards, run against the handler without its `public` mark."""
+        if is_local_request(connection):
+            return
+        as_private = copy(route_handler)  # Litestar hands each guard a copy too; the registered one stays
+        as_private.opt = {key: value for key, value in route_handler.opt.items() if key != "public"}
+        for check in gate.guards:
+            check(connection, as_private)
+
+    return guard
 
 
-def metrics_route(settings: Settings) -> HTTPRouteHandler:
+def metrics_route(settings: Settings, gate: Gate) -> HTTPRouteHandler:
     """The handler, built per app because who may scrape is configuration, not code.  Where a token is
     needed, the app-wide guard requires the `admin` scope (a token with only `chat` gets 403)."""
     access = settings.auth.metrics_access
@@ -67,13 +71,14 @@ def metrics_route(settings: Settings) -> HTTPRouteHandler:
         opt["public"] = True
     elif access == "loopback":
         opt["public"] = True
-        guards.append(_local_or_admin)
+        guards.append(_local_or_admin(gate))
 
     @get("/metrics", opt=opt, guards=guards, include_in_schema=False)
-    async def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-        collector: GatewayMetrics = request.app.state["metrics"]
+    async def metrics(
+        request: Request[Any, Any, Any], metrics: NamedDependency[GatewayMetrics]
+    ) -> Response[bytes]:
         # Collectors read engine stats and the SQLite store: off the event loop.
-        body, content_type = await asyncio.to_thread(collector.render, request.headers.get("accept", ""))
+        body, content_type = await asyncio.to_thread(metrics.render, request.headers.get("accept", ""))
         return Response(body, media_type=content_type, headers={"Cache-Control": "no-store"})
 
     return metrics

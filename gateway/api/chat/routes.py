@@ -10,11 +10,11 @@ from litestar import Controller, Request, Response, post
 from litestar.di import NamedDependency
 from litestar.response import Stream
 
-from gateway.protocol.chat import ChatCompletionRequest
-from gateway.protocol.codec import decode_body
-from gateway.protocol.completions import CompletionRequest
-from gateway.routes.context import principal_of, request_id_of, usage_sink
-from gateway.serving.chat import ChatService
+from gateway.api.chat.protocol import ChatCompletionRequest, CompletionRequest
+from gateway.api.chat.service import ChatService
+from gateway.api.codec import decode_body
+from gateway.core.principal import Principal
+from gateway.core.request_state import RequestState
 
 __all__ = ["ChatController"]
 
@@ -32,16 +32,22 @@ class ChatController(Controller):
 
     @post("/chat/completions", status_code=200, opt={"scope": "chat", "action": "chat.completion.create"})
     async def chat_completions(
-        self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService]
+        self,
+        request: Request[Any, Any, Any],
+        chat: NamedDependency[ChatService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
     ) -> Response[Any]:
         body = decode_body(await request.body(), ChatCompletionRequest)
-        result = await chat.chat(body, principal_of(request), request_id_of(request), usage_sink(request))
-        return _respond(result)
+        return _respond(await chat.chat(body, principal, request_state))
 
     @post("/completions", status_code=200, opt={"scope": "chat", "action": "completion.create"})
     async def completions(
-        self, request: Request[Any, Any, Any], chat: NamedDependency[ChatService]
+        self,
+        request: Request[Any, Any, Any],
+        chat: NamedDependency[ChatService],
+        principal: NamedDependency[Principal],
+        request_state: NamedDependency[RequestState],
     ) -> Response[Any]:
         body = decode_body(await request.body(), CompletionRequest)
-        result = await chat.complete(body, principal_of(request), request_id_of(request), usage_sink(request))
-        return _respond(result)
+        return _respond(await chat.complete(body, principal, request_state))

@@ -9,7 +9,7 @@ from litestar import MediaType, Request, Response
 from litestar.exceptions import HTTPException, NotAuthorizedException, PermissionDeniedException
 from litestar.exceptions import NotFoundException as LitestarNotFound
 
-from gateway.core.errors import GatewayError
+from gateway.core.errors import GatewayError, error_envelope
 
 __all__ = ["EXCEPTION_HANDLERS"]
 
@@ -34,7 +34,7 @@ def _envelope(
     code: str | None,
     headers: dict[str, str] | None = None,
 ) -> Response[Any]:
-    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    body = error_envelope(message, type_, param, code)
     return Response(body, status_code=status, media_type=MediaType.JSON, headers=headers)
 
 

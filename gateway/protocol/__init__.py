@@ -1,1 +1,0 @@
-"""The OpenAI wire format as msgspec Structs.  Imports neither litestar nor torch."""
