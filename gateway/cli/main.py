@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -116,9 +117,7 @@ def _worker_supervisor(args: argparse.Namespace, settings: Settings) -> WorkerSu
     takes the gateway down.  The supervisor starts it with the app and restarts it when it dies."""
     if not settings.finetune.run_worker or args.no_worker:
         return None
-    try:
-        import finetune.worker  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("finetune") is None:  # a gateway-only install: no worker to run
         return None
     command = [sys.executable, "-m", "finetune.worker"]
     if args.config:
