@@ -112,8 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CA certificate to trust (default: $GATEWAY_CA, else certs/ca.pem if there, else the system's)",
     )
     parser.add_argument("--system", default="", help="system prompt to start with")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.2,
+        help="sampling temperature (default 0.2, which keeps a small model on topic; 0: the likeliest reply)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
 
 
 def default_url(settings: Settings) -> str:

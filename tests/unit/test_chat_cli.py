@@ -66,6 +66,9 @@ def test_the_cli_has_a_chat_subcommand() -> None:
         ["chat", "--model", "m", "--url", "https://gw:8443", "--max-tokens", "9"]
     )
     assert (args.command, args.model, args.url, args.max_tokens) == ("chat", "m", "https://gw:8443", 9)
+    # a small model rambles at the API's default temperature of 1 and no length limit: the CLI's own defaults
+    defaults = build_parser().parse_args(["chat"])
+    assert (defaults.temperature, defaults.max_tokens) == (0.2, 512)
 
 
 def test_default_url_follows_the_server_settings() -> None:
