@@ -116,9 +116,10 @@ status="" step=0
 while :; do
   job=$(api GET "/fine_tuning/jobs/$job_id")
   now=$(field status <<<"$job")
-  if [[ "$now" != "$status" ]]; then
-    echo "$(date +%T) status: $now"
-    status=$now
+  changed=$([[ "$now" != "$status" ]] && date +%T || true)
+  status=$now
+  if [[ -n "$changed" && "$status" != succeeded ]]; then
+    echo "$changed status: $status"
   fi
   if [[ "$status" == running || "$status" == succeeded ]]; then
     events=$(api GET "/fine_tuning/jobs/$job_id/events?limit=100")
@@ -126,6 +127,9 @@ while :; do
       echo "$line"
       step=$step_seen
     done < <(new_steps "$step" "$(field estimated_finish <<<"$job")" <<<"$events")
+  fi
+  if [[ -n "$changed" && "$status" == succeeded ]]; then
+    echo "$changed status: $status"  # after the last steps it reports
   fi
   case "$status" in
     succeeded) break ;;
