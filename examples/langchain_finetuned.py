@@ -5,8 +5,9 @@
     export GATEWAY_TOKEN=$(.venv/bin/gateway token --sub you --org acme --scope "chat models:read")
     .venv/bin/python examples/langchain_finetuned.py "$FINE_TUNED_MODEL" "What extension is the Orbit Lab on?"
 
-FINE_TUNED_MODEL is the `fine_tuned_model` of a succeeded job (finetune_curl.sh prints it last).  It belongs to the
-tenant (`org`) that trained it, so the token must carry the same org.  Needs `pip install langchain-openai`.
+FINE_TUNED_MODEL is the `fine_tuned_model` of a succeeded job (finetune_curl.sh prints it last).  It belongs
+to the tenant (`org`) that trained it, so the token must carry the same org.  Needs `langchain-openai` (in
+`.venv`).
 """
 
 from __future__ import annotations
