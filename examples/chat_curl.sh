@@ -3,14 +3,14 @@
 #
 #   export GATEWAY_URL=https://127.0.0.1:8443
 #   export GATEWAY_CA=certs/ca.pem
-#   export GATEWAY_TOKEN=$(gateway token --sub you --scope "chat models:read")
+#   export GATEWAY_TOKEN=$(.venv/bin/gateway token --sub you --scope "chat models:read")
 #   examples/chat_curl.sh "What is the capital of France?"
 #
 # GATEWAY_MODEL picks the model (default: the embedded smollm2-135m-instruct).
 set -euo pipefail
 : "${GATEWAY_URL:?set GATEWAY_URL, e.g. https://127.0.0.1:8443}"
 : "${GATEWAY_CA:?set GATEWAY_CA to the CA certificate that signed the gateway certificate (dev: certs/ca.pem)}"
-: "${GATEWAY_TOKEN:?set GATEWAY_TOKEN (dev: gateway token --sub you --scope \"chat models:read\")}"
+: "${GATEWAY_TOKEN:?set GATEWAY_TOKEN (dev: .venv/bin/gateway token --sub you --scope \"chat models:read\")}"
 model="${GATEWAY_MODEL:-smollm2-135m-instruct}"
 question="${1:-What is the capital of France?}"
 question="${question//\\/\\\\}"   # escape for JSON: backslashes, then double quotes

@@ -2,8 +2,8 @@
 
     export GATEWAY_URL=https://127.0.0.1:8443
     export GATEWAY_CA=certs/ca.pem
-    export GATEWAY_TOKEN=$(gateway token --sub you --scope "chat models:read")
-    python examples/chat_sdk.py "What is the capital of France?"
+    export GATEWAY_TOKEN=$(.venv/bin/gateway token --sub you --scope "chat models:read")
+    .venv/bin/python examples/chat_sdk.py "What is the capital of France?"
 
 GATEWAY_MODEL picks the model (default: the embedded smollm2-135m-instruct).  Any OpenAI-compatible code works
 the same way: only `base_url`, the API key (the token) and the CA to trust change.

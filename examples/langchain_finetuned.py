@@ -2,11 +2,12 @@
 
     export GATEWAY_URL=https://127.0.0.1:8443
     export GATEWAY_CA=certs/ca.pem
-    export GATEWAY_TOKEN=$(gateway token --sub you --org acme --scope "chat models:read")
-    python examples/langchain_finetuned.py "ft:smollm2-135m-instruct:acme:demo:abc123" "Summarise: ..."
+    export GATEWAY_TOKEN=$(.venv/bin/gateway token --sub you --org acme --scope "chat models:read")
+    .venv/bin/python examples/langchain_finetuned.py "$FINE_TUNED_MODEL" "What extension is the Orbit Lab on?"
 
-A fine-tuned model id is the `fine_tuned_model` of a succeeded job (see finetune_curl.sh).  It belongs to the
-tenant (`org`) that trained it, so the token must carry the same org.  Needs `pip install langchain-openai`.
+FINE_TUNED_MODEL is the `fine_tuned_model` of a succeeded job (finetune_curl.sh prints it last).  It belongs
+to the tenant (`org`) that trained it, so the token must carry the same org.  Needs `langchain-openai` (in
+`.venv`).
 """
 
 from __future__ import annotations

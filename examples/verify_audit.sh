@@ -6,12 +6,26 @@
 #   sudo -u privacy-gateway GATEWAY_CONFIG=/etc/privacy-gateway/gateway.toml examples/verify_audit.sh
 # Development (data/ in the repository):
 #   export GATEWAY_URL=https://127.0.0.1:8443 GATEWAY_CA=certs/ca.pem
-#   export GATEWAY_TOKEN=$(gateway token --sub auditor --scope admin)
+#   export GATEWAY_TOKEN=$(.venv/bin/gateway token --sub auditor --scope admin)
 #   examples/verify_audit.sh
 #
-# Exit status: 0 when the chain is intact, 1 when it was altered (the output names the first bad line).
+# The `gateway` command is GATEWAY_BIN if set, else the repository's .venv/bin/gateway (what `make install`
+# creates), else the one on PATH (an installed package).
+# Exit status: 0 when the chain is intact, 1 when it was altered (the output names the first bad line), 2 when
+# there is no gateway command.
 set -euo pipefail
-gateway="${GATEWAY_BIN:-gateway}"
+repo_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.venv/bin/gateway"
+if [[ -n "${GATEWAY_BIN:-}" ]]; then
+  gateway=$GATEWAY_BIN
+elif [[ -x "$repo_venv" ]]; then
+  gateway=$repo_venv
+elif command -v gateway >/dev/null; then
+  gateway=gateway
+else
+  echo "verify_audit.sh: no gateway command: not at $repo_venv (run \`make install\`), not on PATH;" \
+    "or set GATEWAY_BIN" >&2
+  exit 2
+fi
 
 echo "== hash chain =="
 "$gateway" audit verify

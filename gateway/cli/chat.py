@@ -4,8 +4,11 @@
     gateway chat --url https://llm.intranet:8443 --ca /etc/ssl/corp-ca.pem --token "$TOKEN" --model my-ft
 
 Replies stream as they are generated; the conversation is kept and sent with every turn.  Lines starting with
-`/` are commands (see HELP).  Input may be piped: `echo "Hello" | gateway chat`.  When the gateway cannot be
-reached, its certificate is not trusted or the token is refused, one line says so (exit status 2).
+`/` are commands (see HELP).  Input may be piped: `echo "Hello" | gateway chat`; then each reply ends with a
+newline and a blank line separates it from the one before.  When the gateway cannot be reached, its
+certificate is not trusted or the token is refused, one line says so (exit status 2).  Any other error (a 400,
+an unknown model) is one line on stderr too; on a terminal the session goes on, and with piped input the
+remaining lines are still sent but the exit status is 2.
 """
 
 from __future__ import annotations
@@ -109,8 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="CA certificate to trust (default: $GATEWAY_CA, else certs/ca.pem if there, else the system's)",
     )
     parser.add_argument("--system", default="", help="system prompt to start with")
-    parser.add_argument("--temperature", type=float, default=None)
-    parser.add_argument("--max-tokens", type=int, default=None)
+    parser.add_argument(
+        "--temperature",
+        type=float,
+        default=0.2,
+        help="sampling temperature (default 0.2, which keeps a small model on topic; 0: the likeliest reply)",
+    )
+    parser.add_argument("--max-tokens", type=int, default=512, help="longest reply in tokens (default 512)")
 
 
 def default_url(settings: Settings) -> str:
@@ -218,6 +226,40 @@ def _root(exc: BaseException) -> str:
 # -- the loop --------------------------------------------------------------------------------------------
 
 
+class _ReplyWriter:
+    """A streamed reply as it arrives, trailing newlines held back so that it ends with exactly one."""
+
+    def __init__(self, out: IO[str], *, blank_line_first: bool) -> None:
+        self.out, self.blank_line_first = out, blank_line_first
+        self.parts: list[str] = []
+        self.pending = ""  # newlines not written yet: the reply may end here
+        self.started = self.ended = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.parts)
+
+    def write(self, piece: str) -> None:
+        self.parts.append(piece)
+        if not self.started:
+            self.started = True
+            if self.blank_line_first:
+                self.out.write("\n")
+        combined = self.pending + piece
+        shown = combined.rstrip("\n")
+        self.pending = combined[len(shown) :]
+        if shown:
+            self.out.write(shown)
+            self.out.flush()
+
+    def end(self) -> None:
+        """The reply's one final newline (once; nothing when no text arrived)."""
+        if self.started and not self.ended:
+            self.ended = True
+            self.out.write("\n")
+            self.out.flush()
+
+
 @dataclass
 class Chat:
     client: openai.OpenAI
@@ -227,9 +269,15 @@ class Chat:
     err: IO[str]
     temperature: float | None = None
     max_tokens: int | None = None
+    separate: bool = False  # a blank line between replies (piped input: no prompt shows where one starts)
+    replies: int = 0
 
     def say(self, text: str) -> None:
-        """Stream one reply; remember the turn only if it completed."""
+        """Stream one reply; remember the turn only if it completed.
+
+        A reply always ends with exactly one newline, also when it stops early (Ctrl-C, an error mid-stream),
+        so what comes next starts on a line of its own; with `separate` a blank line precedes every reply
+        after the first, so successive replies to piped lines never run together."""
         import openai
 
         messages: Any = self.session.messages(text)
@@ -240,22 +288,23 @@ class Chat:
             temperature=openai.omit if self.temperature is None else self.temperature,
             max_tokens=openai.omit if self.max_tokens is None else self.max_tokens,
         )
-        parts: list[str] = []
+        reply = _ReplyWriter(self.out, blank_line_first=self.separate and self.replies > 0)
         try:
             for chunk in stream:
                 for choice in chunk.choices:
                     if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        self.out.write(choice.delta.content)
-                        self.out.flush()
+                        reply.write(choice.delta.content)
+            reply.write("")  # a reply with no text is still a line of its own
         except KeyboardInterrupt:
             stream.close()
-            self.out.write("\n[stopped]\n")
+            reply.end()
+            self.out.write("[stopped]\n")
             self.out.flush()
             return
-        self.out.write("\n")
-        self.out.flush()
-        self.session.remember(text, "".join(parts))
+        finally:
+            reply.end()  # after an error mid-stream too: the error line never lands on the reply's line
+        self.replies += 1
+        self.session.remember(text, reply.text)
 
     def model_ids(self) -> list[str]:
         return [m.id for m in self.client.models.list().data]
@@ -358,20 +407,27 @@ def run(args: argparse.Namespace, *, stdin: IO[str] | None = None, out: IO[str] 
         return 2
     if interactive:
         out.write(f"chatting with {chat.session.model} at {url} (/help for commands, Ctrl-D to leave)\n")
+    chat.separate = not interactive
+    failed = False  # piped input: any error makes the exit status 2 (the remaining lines are still sent)
     for line in _lines(stdin, out, interactive):
         try:
             if not chat.handle(parse_command(line)):
                 break
         except ChatError as exc:
+            failed = True
+            out.flush()
             err.write(f"gateway chat: {exc}\n")
+            err.flush()
         except KeyboardInterrupt:  # before the first token arrived; once streaming, say() handles it
             out.write("\n[stopped]\n")
         except Exception as exc:
             problem = explain(exc, url)
             if problem is None:
                 raise
+            failed = True
+            out.flush()
             err.write(f"gateway chat: {problem}\n")
             err.flush()
             if problem.fatal:
                 return 2
-    return 0
+    return 2 if failed and not interactive else 0

@@ -73,11 +73,27 @@ def test_history_system_prompt_and_clear(gateway: Gateway) -> None:
 
 def test_model_switching(gateway: Gateway) -> None:
     result = chat(gateway, "/model no-such-model\n/model\n/models\n/model " + MODEL + "\nSay hi.\n")
-    assert result.returncode == 0, result.stderr
+    assert result.returncode == 2, result.stderr  # piped: the unknown model was an error, the rest still ran
     assert result.stderr.strip() == (
         "gateway chat: 404: The model 'no-such-model' does not exist or you do not have access to it."
     )
     assert f"model: {MODEL}\n* {MODEL}\nmodel: {MODEL}\n" in result.stdout
+
+
+def test_piped_replies_are_separated_and_a_400_exits_2(gateway: Gateway) -> None:
+    """Each reply ends with a newline and a blank line separates replies; a 400 (a prompt over the model's
+    context) is one line on stderr, the next line is still answered, and the exit status is 2."""
+    too_long = "word " * 3000
+    stdin = f"What is the capital of France?\n{too_long}\nWhat is the capital of Italy?\n"
+    result = chat(gateway, stdin, "--max-tokens", "12")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.startswith("gateway chat: 400: This model's maximum context length is ")
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    first, second = result.stdout.split("\n\n")  # 12 tokens at temperature 0: one line each
+    assert "Paris" in first and "\n" not in first
+    assert second.strip() and second.endswith("\n") and "\n" not in second[:-1]
+    records = chat_records(gateway)[-3:]
+    assert [r["status"] for r in records] == [200, 400, 200]
 
 
 def test_unknown_model_on_the_command_line(gateway: Gateway) -> None:
