@@ -74,7 +74,7 @@ def adapters(gateway: Gateway) -> list[str]:
     """A real (short) fine-tune: its model and one of its checkpoints."""
     client = sdk_client(gateway)
     job = create_job(client, upload_training_file(client), n_epochs=1, batch_size=8, save_steps=2)
-    done = finished_job(client, job.id, logs=gateway.core.logs)
+    done = finished_job(client, job.id, logs=gateway.logs)
     assert done.status == "succeeded", done.error
     checkpoint = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
     return [done.fine_tuned_model, checkpoint]
