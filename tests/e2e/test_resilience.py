@@ -77,6 +77,6 @@ def test_a_worker_killed_mid_job_is_restarted_and_the_job_resumes(
     assert any(m.startswith("Resuming fine-tuning job (attempt 2)") for m in messages), messages
     assert gateway.client().get("/readyz").json()["worker"] is True
     assert gateway.metric("gateway_finetune_worker_up") == 1
-    logs = gateway.core.logs()  # the gateway's and its workers' lines, all JSON
+    logs = gateway.logs()  # the gateway's and its workers' lines, all JSON
     assert "worker.process_exited" in logs and "worker.restarting" in logs
     assert non_json_lines(logs) == []

@@ -109,7 +109,7 @@ def _b64(data: bytes) -> str:
 
 
 def _claims(gateway: Gateway, scope: str = "chat models:read") -> dict[str, Any]:
-    settings = gateway.core.settings()
+    settings = gateway.settings()
     now = int(time.time())
     return {
         "iss": settings.auth.issuer,
@@ -133,7 +133,7 @@ def _unsigned_token(header: dict[str, Any], claims: dict[str, Any], secret: byte
 
 
 def test_expired_token_is_an_authentication_error(gateway: Gateway) -> None:
-    settings = gateway.core.settings()
+    settings = gateway.settings()
     private_pem = (gateway.data_dir / "keys" / "jwt-private.pem").read_bytes()
     expired = mint_token(
         private_pem,
@@ -290,7 +290,7 @@ def test_canaries_are_nowhere_on_disk_or_in_logs(
     gateway: Gateway, server_tmp: Path, canaries_sent: None
 ) -> None:
     time.sleep(0.5)  # the last records and log lines land just after the responses
-    logs = gateway.core.logs()
+    logs = gateway.logs()
     assert '"event"' in logs  # there is a structured log to search
     audit = audit_path(gateway).read_text()
     assert audit.count("\n") > 5
@@ -315,10 +315,10 @@ def test_canary_in_an_upload_is_only_in_the_stored_file(gateway: Gateway, server
     )
     assert uploaded.id.startswith("file-")
     time.sleep(0.5)
-    assert canary not in gateway.core.logs() and canary not in audit_path(gateway).read_text()
+    assert canary not in gateway.logs() and canary not in audit_path(gateway).read_text()
     assert _files_containing(server_tmp, [canary.encode()]) == {canary.encode(): []}
     holders = _files_containing(gateway.data_dir, [canary.encode()])[canary.encode()]
-    encrypted = gateway.core.settings().privacy.encrypt_at_rest
+    encrypted = gateway.settings().privacy.encrypt_at_rest
     assert len(holders) == (0 if encrypted else 1), holders  # the stored upload itself, nothing else
     assert holders in ([], [gateway.data_dir / "files" / uploaded.id]), holders
 
@@ -328,7 +328,7 @@ def test_canary_in_an_upload_is_only_in_the_stored_file(gateway: Gateway, server
 
 def test_every_server_log_line_is_a_json_object(gateway: Gateway, canaries_sent: None) -> None:
     """uvicorn's own lines, library warnings, progress bars: none may break the JSON lines."""
-    logs = gateway.core.logs()
+    logs = gateway.logs()
     assert "uvicorn.error" in logs  # uvicorn's start-up lines are there, as JSON
     assert non_json_lines(logs) == []
 
@@ -336,7 +336,7 @@ def test_every_server_log_line_is_a_json_object(gateway: Gateway, canaries_sent:
 def test_the_server_installed_its_egress_guard(gateway: Gateway) -> None:
     installed = [
         json.loads(line)
-        for line in gateway.core.logs().splitlines()
+        for line in gateway.logs().splitlines()
         if line.startswith("{") and '"egress.guard_installed"' in line
     ]
     assert installed and installed[-1]["allow"] == []
