@@ -40,6 +40,7 @@ from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.engine.base import Engine
 from gateway.engine.factory import EngineFactory, build_engine
 from gateway.security.master_key import cipher_from_settings
+from gateway.security.slow_clients import BodyDeadline
 
 __all__ = ["create_app", "services_of"]
 
@@ -104,12 +105,15 @@ def create_app(
         debug=False,
     )
     app = Litestar.from_config(config)
-    return AuditMiddleware(app, audit_log, append=services.metrics.observing(audit_log.append))
+    bounded = BodyDeadline(app, settings.server.body_timeout_seconds)  # inside the audit: a 408 is recorded
+    return AuditMiddleware(bounded, audit_log, append=services.metrics.observing(audit_log.append))
 
 
 def services_of(app: Any) -> Services:
-    """The Services of an app create_app built (through its audit wrapper)."""
-    inner: Any = app.app if isinstance(app, AuditMiddleware) else app
+    """The Services of an app create_app built (through its audit and body-deadline wrappers)."""
+    inner: Any = app
+    while isinstance(inner, AuditMiddleware | BodyDeadline):
+        inner = inner.app
     services: Services = inner.state["services"]
     return services
 

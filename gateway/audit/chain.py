@@ -3,7 +3,9 @@
 A record's `mac` is HMAC-SHA256(key, canonical JSON of the record without `mac`); it covers `seq` and `prev`
 (the previous record's mac; GENESIS for the first), so editing, removing or reordering lines breaks it.
 The head file `<log>.head` holds the last seq and mac under its own HMAC; it anchors the end of the chain,
-so cutting records off the end shows too.
+so cutting records off the end shows too.  A log is created with its head: the genesis head (seq 0, mac
+GENESIS) is written before the first record, so a log without a head file was never left that way by a crash,
+only by someone deleting the head (or copying the log without it).
 """
 
 from __future__ import annotations
@@ -93,11 +95,12 @@ def head_problem(
     `mac_at_head_seq` is the mac of the log's record numbered head.seq (None if unknown).  In a valid chain
     line N holds seq N, so the first missing record is line last_seq + 1.  A log longer than its head lost
     nothing (the head is written after the log, so a reader or a crash can see the log ahead of it).
+    A missing head (None) is always a problem: every log gets its genesis head before its first record.
     """
     if head is None:
-        if last_seq <= 1:  # a crash before the very first head write
-            return None
         return "the head file is missing, so records cut off the end would go unnoticed", None
+    if head.seq == 0:  # the genesis head: nothing was recorded yet when it was written
+        return None if head.mac == GENESIS else ("the genesis head file names a record", None)
     if last_seq < head.seq:
         cut = head.seq - last_seq
         return (

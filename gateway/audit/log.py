@@ -23,9 +23,12 @@ Design
 - Thread-safe with one lock and group commit: `append` returns once its record is durable, and appends
   that arrive during an fsync share the next one (throughput grows with load instead of queueing behind
   one fsync each).  It blocks on fsync, so async callers run it in a worker thread.
+- A new log starts with its signed genesis head (seq 0; recovery.py) and a first record saying why the chain
+  began (`audit.chain_start`, logged loudly as `audit.chain_started`), so a chain that starts over after its
+  files were deleted shows at seq 1 and in the logs.  A missing head beside a non-empty log is damage.
 - Opening a log whose end does not verify raises AuditChainBroken: the gateway fails closed rather than
-  extend a chain it cannot vouch for.  Run `gateway audit verify`, keep the files as evidence, move them
-  aside, and the next start begins a new chain.
+  extend a chain it cannot vouch for.  `gateway audit restart-chain` (restart.py) archives the damaged files
+  as evidence and starts a new chain whose first record names the old head and the damage found.
 """
 
 from __future__ import annotations
@@ -78,10 +81,18 @@ class _Pending:
     error: OSError | None = None
 
 
-class AuditLog:
-    """Append-only audit log at `path`, chained with `key` (kept apart from the log, >= 16 bytes)."""
+NEW_CHAIN_REASON = "no audit log or head file was found here: a new chain begins"
 
-    def __init__(self, path: Path | str, key: bytes) -> None:
+
+class AuditLog:
+    """Append-only audit log at `path`, chained with `key` (kept apart from the log, >= 16 bytes).
+
+    `chain_start`: the first record of a new chain (restart.py passes one naming the damaged chain before
+    it); None writes the plain `audit.chain_start` record when the log is new.  Given for a log that already
+    holds a chain, it raises AuditChainBroken rather than bury it.
+    """
+
+    def __init__(self, path: Path | str, key: bytes, *, chain_start: Mapping[str, Any] | None = None) -> None:
         if len(key) < MIN_KEY_BYTES:
             raise ValueError(f"the audit key must be at least {MIN_KEY_BYTES} bytes")
         self.path = Path(path)
@@ -106,6 +117,25 @@ class AuditLog:
         self._durable = (self._seq, self._last_mac)
         self._closed = False
         self._broken = False
+        if self._seq == 0:
+            self._start_chain(chain_start)
+        elif chain_start is not None:
+            self.close()
+            raise AuditChainBroken(f"{self.path} already holds a chain (seq {self._seq}): not starting one")
+
+    def _start_chain(self, first: Mapping[str, Any] | None) -> None:
+        record = dict(first or {"action": "audit.chain_start", "chain_reason": NEW_CHAIN_REASON})
+        try:
+            written = self.append(record)
+        except BaseException:
+            self.close()
+            raise
+        log.warning(
+            "audit.chain_started",
+            path=str(self.path),
+            action=written.get("action"),
+            reason=written.get("chain_reason"),
+        )
 
     @property
     def last_seq(self) -> int:

@@ -33,6 +33,14 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "duration_ms": (int, float),
     "prompt_tokens": int,
     "completion_tokens": int,
+    # A chain's first record only (log.py, restart.py): why it began and, after damage, what came before.
+    "chain_reason": str,
+    "previous_head_seq": int,
+    "previous_head_mac": str,
+    "previous_records": int,
+    "previous_last_mac": str,
+    "damage": str,
+    "archive": str,
 }
 OUTCOMES = frozenset({"allowed", "denied", "error"})
 MAX_TEXT_CHARS = 256

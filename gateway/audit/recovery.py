@@ -5,6 +5,10 @@ for what a crash may leave behind: a head one batch behind the log (recognised a
 last line (never acknowledged, so cut off, but only once the complete lines agree with the head).  A quick
 look at the last line decides the common case; anything it cannot vouch for gets the full verify_chain
 walk, and an end that does not verify raises AuditChainBroken: the gateway fails closed.
+
+A new log gets its genesis head (seq 0) here, before its first record; from then on a missing head file is
+damage, never a crash leftover.  Only an empty log with no head is new (nothing was ever recorded in it); the
+writer (log.py) then opens the chain with a record saying why it began.
 """
 
 from __future__ import annotations
@@ -20,11 +24,15 @@ import structlog
 from gateway.audit.chain import GENESIS, Head, HeadInvalid, head_problem, read_head, record_mac, write_head
 from gateway.audit.verify import format_result, verify_chain
 
-__all__ = ["AuditChainBroken", "recover"]
+__all__ = ["RESTART_HINT", "AuditChainBroken", "recover"]
 
 log = structlog.get_logger(__name__)
 
 MAX_TAIL_SCAN = 1 << 20  # records are a few hundred bytes; a longer tail is not ours
+RESTART_HINT = (
+    ". Keep the files as evidence: `gateway audit restart-chain` archives them and starts a new chain "
+    "that names the damage"
+)
 
 
 class AuditChainBroken(RuntimeError):
@@ -39,8 +47,16 @@ def recover(fd: int, path: Path, head_path: Path, key: bytes) -> tuple[int, str,
     try:
         head = read_head(head_path, key)
     except HeadInvalid as exc:
-        raise AuditChainBroken(f"{head_path}: {exc}") from None
+        raise AuditChainBroken(f"{head_path}: {exc}{RESTART_HINT}") from None
     size = os.fstat(fd).st_size
+    if head is None:
+        if size:
+            raise AuditChainBroken(
+                f"{head_path} is missing: every log is created with its head, so it was deleted and records "
+                f"cut off the end of {path} would go unnoticed{RESTART_HINT}"
+            )
+        write_head(head_path, key, Head(0, GENESIS))  # the genesis head: a new, empty chain
+        return 0, GENESIS, 0
     line, complete_end = _last_complete_line(fd, size)
     last = _verified_record(line, key) if line is not None else None
     last_seq, last_mac = (last["seq"], last["mac"]) if last else (0, GENESIS)
@@ -51,7 +67,7 @@ def recover(fd: int, path: Path, head_path: Path, key: bytes) -> tuple[int, str,
         # The quick look at the end failed (or could not decide): walk the whole chain for the verdict.
         result = verify_chain(path, key, head_path=head_path)
         if not result.ok:
-            raise AuditChainBroken(f"{path}: {format_result(result)}")
+            raise AuditChainBroken(f"{path}: {format_result(result)}{RESTART_HINT}")
     if complete_end < size:
         # A torn line from a crash mid-write; it was never acknowledged to anyone.
         log.warning("audit.torn_tail_removed", bytes=size - complete_end)

@@ -3,8 +3,10 @@ reordered or cut off.  Reads only; safe to run while the gateway is writing.
 
 Three verdicts: INTACT (printed as OK), TAMPERED (a line or the head file does not verify), and INCOMPLETE:
 the records present chain intact but the head file `<log>.head` is missing, so records cut off the end could
-not be noticed (a copy of the log made without its head file looks like this; so does a deleted head).  A log
-that does not exist is not a verdict: the caller reports it (NoAuditLog).
+not be noticed.  Every log is created with its (genesis) head, so beside the live log that means the head was
+deleted, and the gateway refuses to start on it; a copy of the log made without its head looks the same
+(verify it with --head).  A path holding no record and no head (no log, or an empty file) is not a verdict:
+nothing was ever recorded there, and the caller reports it (NoAuditLog).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ Verdict = Literal["intact", "tampered", "incomplete"]
 
 
 class NoAuditLog(FileNotFoundError):
-    """Neither the log nor its head file exists at the path given: nothing to verify (a wrong path?)."""
+    """No head file and no record (no log, or an empty one) at the path given: nothing to verify."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,7 @@ class VerifyResult:
     records: int  # records verified before the first problem (all of them when intact)
     first_bad_line: int | None  # 1-based; None when the problem is not a line (e.g. the head file)
     reason: str
+    last_mac: str = GENESIS  # of the last record verified (restart.py names it in the next chain)
 
     @property
     def ok(self) -> bool:
@@ -63,14 +66,15 @@ def _line_problem(raw: bytes, line_no: int, key: bytes, count: int, last_mac: st
 def verify_chain(path: Path | str, key: bytes, *, head_path: Path | None = None) -> VerifyResult:
     path = Path(path)
     head_path = head_path or head_path_for(path)
-    if not path.exists() and not head_path.exists():
-        raise NoAuditLog(f"no audit log at {path} (nor its head file {head_path.name})")
+    if not head_path.exists() and (not path.exists() or path.stat().st_size == 0):
+        what = "an empty audit log" if path.exists() else "no audit log"
+        raise NoAuditLog(f"{what} at {path} (nor its head file {head_path.name})")
     try:
         head = read_head(head_path, key)
     except HeadInvalid as exc:
         return VerifyResult("tampered", 0, None, str(exc))
-    count, last_mac, torn = 0, GENESIS, False
-    mac_at_head_seq: str | None = None
+    count, last_mac, torn, began = 0, GENESIS, False, ""
+    mac_at_head_seq: str | None = GENESIS if head is not None and head.seq == 0 else None
     try:
         with open(path, "rb") as lines:
             for line_no, raw in enumerate(lines, start=1):
@@ -80,24 +84,39 @@ def verify_chain(path: Path | str, key: bytes, *, head_path: Path | None = None)
                 problem = _line_problem(raw, line_no, key, count, last_mac)
                 if problem:
                     return VerifyResult("tampered", count, line_no, problem)
-                count, last_mac = count + 1, json.loads(raw)["mac"]
+                record = json.loads(raw)
+                count, last_mac = count + 1, record["mac"]
+                if count == 1:
+                    began = _began(record)
                 if head is not None and count == head.seq:
                     mac_at_head_seq = last_mac
     except FileNotFoundError:
         pass  # the log is gone but its head is here: an empty chain, which the head must agree with
     note = "; an incomplete last line left by a crash is ignored (removed on next start)" if torn else ""
-    if head is None and count > 1:
+    if head is None:
         return VerifyResult(
             "incomplete",
             count,
             None,
             f"{count} record(s) chain intact, but the head file {head_path.name} is missing, so records cut "
-            f"off the end would go unnoticed: verify the log together with its head file (--head){note}",
+            "off the end would go unnoticed: a log is created with its head, so beside the live log it was "
+            f"deleted; verify a copy together with its head file (--head){note}",
+            last_mac,
         )
     head_issue = head_problem(head, count, mac_at_head_seq)
     if head_issue:
-        return VerifyResult("tampered", count, head_issue[1], head_issue[0])
-    return VerifyResult("intact", count, None, f"{count} record(s), chain intact{note}")
+        return VerifyResult("tampered", count, head_issue[1], head_issue[0], last_mac)
+    return VerifyResult("intact", count, None, f"{count} record(s), chain intact{began}{note}", last_mac)
+
+
+def _began(first: dict[str, object]) -> str:
+    """How a chain's first record says it began, for the verdict line ("" for a log from before that)."""
+    action = first.get("action")
+    if action not in ("audit.chain_start", "audit.chain_restart"):
+        return ""
+    archive = first.get("archive")
+    after = f" after damage; the chain before it is archived in {archive}" if archive else ""
+    return f"; it began {first.get('time')} ({action}{after})"
 
 
 def format_result(result: VerifyResult, path: Path | str | None = None) -> str:

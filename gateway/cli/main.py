@@ -8,6 +8,7 @@ gateway keys               create a signing key pair (ed25519 | rsa | ec)
 gateway keys rotate-master re-encrypt every encrypted file under a new master key (service stopped)
 gateway chat               interactive chat with a running gateway (streams; /help inside)
 gateway audit verify       check the audit log's hash chain; names the first bad line
+gateway audit restart-chain  archive a damaged audit log as evidence and start a new chain (service stopped)
 gateway config-reference   print every setting with its default and help (Markdown)
 """
 
@@ -58,6 +59,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.auth.keys import ensure_dev_keys
     from gateway.core.logs import configure_logging
     from gateway.security.egress import install_from_settings
+    from gateway.security.slow_clients import bounded_protocol
 
     settings = _settings(args)
     configure_logging(settings.server.log_level)
@@ -97,6 +99,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,  # the audit log records every request; access logs would duplicate it
         server_header=False,
         timeout_graceful_shutdown=10,
+        # Connection cap and header deadline (gateway/security/slow_clients.py; the body deadline is in the
+        # app); no WebSockets: a handshake is served as a plain, audited HTTP request.
+        http=bounded_protocol(server_settings),
+        ws="none",
         # uvloop opens sockets in C, out of the guard's reach; the asyncio loop goes through `socket`.
         loop="asyncio" if guard is not None else "auto",
         **tls,  # type: ignore[arg-type]
@@ -246,7 +252,12 @@ def cmd_keys_rotate_master(args: argparse.Namespace) -> int:
     return 0
 
 
-AUDIT_VERIFY_EXIT = {"intact": 0, "tampered": 1, "incomplete": 3}  # 2: no log there, or a usage error
+AUDIT_VERIFY_EXIT = {"intact": 0, "tampered": 1, "incomplete": 3}  # 2: nothing recorded there, or usage
+
+
+def _audit_log_path(settings: Settings) -> Path:
+    path = Path(settings.audit.path)
+    return path if path.is_absolute() else settings.data_path / path
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
@@ -254,7 +265,7 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     from gateway.audit.verify import NoAuditLog, format_result, verify_chain
 
     settings = _settings(args)
-    path = Path(args.log) if args.log else settings.data_path / settings.audit.path
+    path = Path(args.log) if args.log else _audit_log_path(settings)
     key = read_key(settings.key_path(settings.audit.key_file, "audit.key"))
     try:
         result = verify_chain(path, key, head_path=Path(args.head) if args.head else None)
@@ -263,6 +274,35 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
         return 2
     print(format_result(result, path))
     return AUDIT_VERIFY_EXIT[result.verdict]
+
+
+def cmd_audit_restart_chain(args: argparse.Namespace) -> int:
+    from gateway.audit.log import read_key
+    from gateway.audit.restart import ChainIntact, restart_chain
+    from gateway.audit.verify import NoAuditLog
+
+    settings = _settings(args)
+    path = _audit_log_path(settings)
+    key = read_key(settings.key_path(settings.audit.key_file, "audit.key"))
+    try:
+        done = restart_chain(path, key)
+    except (ChainIntact, NoAuditLog) as exc:
+        print(f"gateway audit restart-chain: {exc}", file=sys.stderr)
+        return 1
+    first = done.first_record
+    print(f"damage found: {done.damage}")
+    print(f"archived as evidence (moved, not changed): {done.archive}/")
+    head = (
+        f"the old head (seq {first['previous_head_seq']}, mac {first['previous_head_mac'][:16]}...)"
+        if "previous_head_seq" in first
+        else "no verifiable old head"
+    )
+    print(
+        f"new chain started at {path}: record 1 ({first.get('action')}) names {head}, "
+        f"{first.get('previous_records')} record(s) verified before the damage, and the damage"
+    )
+    print("the gateway can start again; keep the archive (and a copy off this machine) as evidence")
+    return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -340,9 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--log", help="audit log path (default: <data_dir>/<audit.path>)")
     verify.add_argument("--head", help="its head file, when not beside it as <log>.head")
     verify.epilog = (
-        "exit status: 0 intact, 1 tampered, 2 no log at that path, 3 incomplete (head file missing)"
+        "exit status: 0 intact, 1 tampered, 2 nothing recorded at that path (no log, or an empty one, and no "
+        "head file), 3 incomplete (head file missing)"
     )
     verify.set_defaults(func=cmd_audit_verify)
+    restart = audit_sub.add_parser(
+        "restart-chain",
+        help="archive a damaged log as evidence and start a new chain naming the damage (service stopped)",
+    )
+    restart.epilog = (
+        "exit status: 0 restarted, 1 refused (the chain is intact, or nothing was recorded), 2 the gateway "
+        "is running, or another error"
+    )
+    restart.set_defaults(func=cmd_audit_restart_chain)
 
     sub.add_parser("config-reference", help="print the settings reference").set_defaults(
         func=cmd_config_reference

@@ -6,6 +6,7 @@
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 invalid_request_error   code=insufficient_scope
     ├── NotFound                      404 invalid_request_error   code=<kind>_not_found
+    ├── RequestTimeout                408 invalid_request_error   code=request_timeout
     ├── Conflict                      409 invalid_request_error
     ├── PayloadTooLarge               413 invalid_request_error   code=payload_too_large
     ├── RateLimited                   429 rate_limit_exceeded     (Retry-After header)
@@ -30,6 +31,7 @@ __all__ = [
     "PayloadTooLarge",
     "PermissionDenied",
     "RateLimited",
+    "RequestTimeout",
     "error_envelope",
 ]
 
@@ -93,6 +95,14 @@ class NotFound(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
     default_code = "not_found"
+
+
+class RequestTimeout(GatewayError):
+    """The request (its body) did not arrive in time; the connection is closed after the answer."""
+
+    status_code = 408
+    error_type = "invalid_request_error"
+    default_code = "request_timeout"
 
 
 class Conflict(GatewayError):

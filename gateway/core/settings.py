@@ -60,6 +60,24 @@ class ServerSettings:
     tls_key: str = _f("certs/server-key.pem", "Server private key (PEM).")
     plain_http: bool = _f(False, "Serve plain HTTP instead of HTTPS. Only for a TLS-terminating proxy.")
     max_body_bytes: int = _f(1_048_576, "Largest JSON request body; larger -> 413.")
+    max_connections: int = _f(
+        1024,
+        "Open client connections at once; one past it gets a bare 503 and is closed before a request is "
+        "read (logged as http.connection_refused; no request, so no audit record).",
+    )
+    max_connections_per_client: int = _f(
+        256, "Open connections from one client address (a proxy counts as one); past it as max_connections."
+    )
+    header_timeout_seconds: float = _f(
+        10.0,
+        "Time for a request's headers to arrive, from the connection's start (or the next request's first "
+        "byte); past it a bare 408 and the connection is closed (http.header_timeout; no request, no audit).",
+    )
+    body_timeout_seconds: float = _f(
+        120.0,
+        "Time for a request's whole body to arrive after its headers; past it 408 (audited) and the "
+        "connection is closed. Raise it for large uploads over slow links.",
+    )
     log_level: str = _f("info", "Application log level (logs never contain prompts or file content).")
 
 

@@ -3,8 +3,8 @@
     guard = install_from_settings(settings)    # `gateway serve` and the fine-tuning worker, at start-up
 
 While installed, `socket.socket.connect` / `connect_ex` / `sendto` / `sendmsg`, `socket.create_connection`,
-`socket.getaddrinfo`, `gethostbyname(_ex)` and `gethostbyaddr` check the destination first and raise
-EgressBlocked (a PermissionError, EPERM, so client libraries treat it as a failed connection) before any
+`socket.getaddrinfo`, `gethostbyname(_ex)`, `gethostbyaddr` and `getnameinfo` check the destination first and
+raise EgressBlocked (a PermissionError, EPERM, so client libraries treat it as a failed connection) before any
 packet leaves: a connect to an outside address, and even the DNS query for an outside name (which would leak
 the name).  Allowed: loopback addresses and names, Unix and netlink sockets, the wildcard addresses for bind
 lookups, and `privacy.egress_allow` entries (an IP, a CIDR such as 10.20.0.0/16, or an exact host name;
@@ -12,11 +12,18 @@ the addresses an allowed name resolves to are allowed from then on; install_from
 server.host when it is a name, since uvicorn resolves it to bind).  Each refusal is logged as
 `egress.blocked` with the host only.  The test suite's guard (tests/conftest.py) is this same class.
 
-Limits, stated plainly: this is a Python-level patch.  It covers the standard library, asyncio's default
+Two layers.  The patches above give the clear error and learn the addresses an allowed name resolves to.
+Beneath them an audit hook (egress_hook.py) sees the C-level socket events CPython raises for every connect,
+send and lookup from any Python code, so a caller that goes around the patched class
+(`_socket.socket().connect(...)`, `super(socket.socket, s).connect(...)`, a saved reference to an original
+function) is refused too, with the same EgressBlocked.
+
+Limits, stated plainly: both layers are in-process.  They cover the standard library, asyncio's default
 event loop and everything built on them (httpx, urllib3, requests, huggingface_hub), but not C code that
-opens its own sockets (uvloop's transports, gRPC, libcurl) nor child processes; `gateway serve` therefore
-runs uvicorn on the asyncio loop while the guard is on, and the worker installs its own.  A host firewall or
-a network namespace without a route out is the real wall; this guard makes a mistake loud on a laptop too.
+opens its own sockets without CPython's socket module (uvloop's transports, gRPC, libcurl, ctypes calling
+libc) nor child processes; `gateway serve` therefore runs uvicorn on the asyncio loop while the guard is on,
+and the worker installs its own.  A host firewall or a network namespace without a route out is the real
+wall; this guard makes a mistake loud on a laptop too.
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from typing import Any
 import structlog
 
 from gateway.core.settings import Settings
+from gateway.security import egress_hook as audit_hook
 
 __all__ = ["EgressBlocked", "EgressGuard", "install_from_settings", "parse_allow"]
 
@@ -48,7 +56,14 @@ _LOCAL_FAMILIES = frozenset(
 )
 _INET_FAMILIES = frozenset({socket.AF_INET, socket.AF_INET6})
 _PATCHED = ("connect", "connect_ex", "sendto", "sendmsg")
-_MODULE_PATCHED = ("create_connection", "getaddrinfo", "gethostbyname", "gethostbyname_ex", "gethostbyaddr")
+_MODULE_PATCHED = (
+    "create_connection",
+    "getaddrinfo",
+    "gethostbyname",
+    "gethostbyname_ex",
+    "gethostbyaddr",
+    "getnameinfo",
+)
 
 
 class EgressBlocked(PermissionError):
@@ -230,6 +245,14 @@ class EgressGuard:
             guard.check_lookup(host, reverse=True)  # a reverse lookup of an outside address asks outside DNS
             return orig["gethostbyaddr"](host)
 
+        def getnameinfo(sockaddr: Any, flags: int) -> Any:
+            if flags & socket.NI_NUMERICHOST:  # the address as text: no query is sent
+                with audit_hook.numeric_lookup():
+                    return orig["getnameinfo"](sockaddr, flags)
+            host = sockaddr[0] if isinstance(sockaddr, tuple) and sockaddr else sockaddr
+            guard.check_lookup(host, reverse=True)
+            return orig["getnameinfo"](sockaddr, flags)
+
         patches: dict[str, Any] = {
             "connect": connect,
             "connect_ex": connect_ex,
@@ -240,16 +263,19 @@ class EgressGuard:
             "gethostbyname": gethostbyname,
             "gethostbyname_ex": gethostbyname_ex,
             "gethostbyaddr": gethostbyaddr,
+            "getnameinfo": getnameinfo,
         }
         for name in _PATCHED:
             setattr(socket.socket, name, patches[name])
         for name in _MODULE_PATCHED:
             setattr(socket, name, patches[name])
         self._originals = orig
+        audit_hook.activate(self)
         return self
 
     def uninstall(self) -> None:
         """Put back what install() replaced (only in tests; a service keeps its guard until exit)."""
+        audit_hook.deactivate(self)
         for name in _PATCHED:
             if name in self._originals:
                 setattr(socket.socket, name, self._originals[name])

@@ -40,9 +40,10 @@ def _record(n: int, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture
 def log_path(tmp_path: Path) -> Path:
+    """Six records: the chain's first (audit.chain_start), then requests numbered as their seq, 2 to 6."""
     path = tmp_path / "audit" / "audit.jsonl"
     with AuditLog(path, KEY) as log:
-        for n in range(1, 7):
+        for n in range(2, 7):
             log.append(_record(n))
     return path
 
@@ -286,7 +287,7 @@ def test_read_page_filters_and_pages(log_path: Path) -> None:
         first = log.read_page(after_seq=0, limit=2)
         assert [r["seq"] for r in first] == [1, 2]
         assert [r["seq"] for r in log.read_page(after_seq=2, limit=100)] == [3, 4, 5, 6]
-        assert [r["seq"] for r in log.read_page(after_seq=0, limit=10, tenant="acme")] == [1, 3, 5]
+        assert [r["seq"] for r in log.read_page(after_seq=0, limit=10, tenant="acme")] == [3, 5]
         assert log.read_page(after_seq=6) == []
 
 
@@ -301,7 +302,7 @@ def test_concurrent_appends_keep_one_chain(tmp_path: Path) -> None:
         for thread in threads:
             thread.join()
     result = verify_chain(path, KEY)
-    assert (result.ok, result.records) == (True, 100)
+    assert (result.ok, result.records) == (True, 101)  # the chain's first record and the 100
 
 
 def test_failed_write_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -320,7 +321,7 @@ def test_failed_write_leaves_no_torn_line(tmp_path: Path, monkeypatch: pytest.Mo
         monkeypatch.setattr(os, "write", real_write)
         log.append(_record(3))
     result = verify_chain(path, KEY)
-    assert (result.ok, result.records) == (True, 2)
+    assert (result.ok, result.records) == (True, 3)  # the chain's first record, 1 and 3
 
 
 def test_open_from_settings(tmp_path: Path) -> None:

@@ -85,7 +85,7 @@ def test_one_record_with_everything_the_handler_left(client: TestClient[Any], au
     response = client.get("/items/file-abc")
     request_id = response.headers["x-request-id"]
     assert response.json() == {"request_id": request_id, "logged_id": request_id}
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert record["request_id"] == request_id
     assert (record["subject"], record["tenant"], record["client"]) == ("anonymous", "default", "testclient")
     assert (record["method"], record["route"], record["action"]) == (
@@ -107,7 +107,7 @@ def test_unrouted_request_is_recorded(client: TestClient[Any], audit: AuditLog) 
     response = client.get("/nope/nothing")
     assert response.status_code == 404
     assert len(response.headers["x-request-id"]) == 32
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert (record["status"], record["outcome"], record["action"]) == (404, "error", None)
     assert record["route"] == "/nope/nothing"
     assert record["subject"] is None
@@ -115,7 +115,7 @@ def test_unrouted_request_is_recorded(client: TestClient[Any], audit: AuditLog) 
 
 def test_handler_error_is_recorded_without_its_message(client: TestClient[Any], audit: AuditLog) -> None:
     assert client.get("/boom").status_code == 500
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert (record["status"], record["outcome"], record["action"]) == (500, "error", "boom")
     assert "SECRET" not in audit.path.read_text()
 
@@ -124,13 +124,13 @@ def test_request_body_never_reaches_the_log(client: TestClient[Any], audit: Audi
     response = client.post("/echo", json={"messages": [{"role": "user", "content": "SECRET-PROMPT"}]})
     assert response.status_code == 201
     assert "SECRET" not in audit.path.read_text()
-    assert audit.read_page()[0]["action"] == "echo"
+    assert audit.read_page(1)[0]["action"] == "echo"
 
 
 def test_streamed_response_is_recorded_when_it_ends(client: TestClient[Any], audit: AuditLog) -> None:
     response = client.get("/stream")
     assert response.text == "data: 0\n\ndata: 1\n\ndata: 2\n\n"
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert (record["status"], record["completion_tokens"]) == (200, 3)
 
 
@@ -149,14 +149,14 @@ def test_incoming_request_id(client: TestClient[Any], audit: AuditLog, incoming:
     response = client.get("/items/x", headers={"x-request-id": incoming})
     echoed = response.headers["x-request-id"]
     assert (echoed.encode() == incoming) is kept
-    assert audit.read_page()[0]["request_id"] == echoed
+    assert audit.read_page(1)[0]["request_id"] == echoed
     assert response.headers.get_list("x-request-id") == [echoed]
 
 
 def test_each_request_gets_exactly_one_record(client: TestClient[Any], audit: AuditLog) -> None:
     paths = ["/items/a", "/nope", "/boom", "/stream", "/items/b"]
     ids = [client.get(path).headers["x-request-id"] for path in paths]
-    records = audit.read_page()
+    records = audit.read_page(1)
     assert [r["request_id"] for r in records] == ids
     assert len(set(ids)) == len(ids)
     assert verify_chain(audit.path, KEY).ok
@@ -167,7 +167,7 @@ def test_lifespan_passes_through(tmp_path: Path, audit: AuditLog) -> None:
     app = Litestar(route_handlers=[], on_startup=[lambda: started.append(1)], openapi_config=None)
     with TestClient(AuditMiddleware(app, audit)):
         assert started == [1]
-    assert audit.read_page() == []
+    assert audit.read_page(1) == []
 
 
 # ── raw ASGI: disconnects and cancellation ─────────────────────────────────────────────────────────────────
@@ -199,7 +199,7 @@ def test_client_gone_mid_stream_is_recorded_as_499(audit: AuditLog) -> None:
         sent.append(message)
 
     asyncio.run(AuditMiddleware(streaming_app, audit)(_scope(), _receive_disconnect, collect))
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert (record["status"], record["outcome"], record["client"]) == (499, "error", "10.1.2.3")
     assert (b"x-request-id", record["request_id"].encode()) in sent[0]["headers"]
 
@@ -219,7 +219,7 @@ def test_cancelled_request_still_leaves_its_record(audit: AuditLog) -> None:
             await task
 
     asyncio.run(main())
-    [record] = audit.read_page()
+    [record] = audit.read_page(1)
     assert record["status"] == 499
 
 
@@ -258,6 +258,6 @@ def test_the_record_is_on_disk_before_the_response_ends(audit: AuditLog, tmp_pat
         records_on_disk.append(len(path.read_bytes().splitlines()) if path.exists() else 0)
 
     asyncio.run(AuditMiddleware(streaming_app, audit)(_scope(), _receive_disconnect, collect))
-    assert records_on_disk == [0, 0, 1]
-    [record] = audit.read_page()
+    assert records_on_disk == [1, 1, 2]  # the chain's first record, then this request's, before the end
+    [record] = audit.read_page(1)
     assert (record["status"], record["completion_tokens"]) == (200, 1)

@@ -49,24 +49,26 @@ def test_audit_route_is_admin_only_and_pages(app_client: tuple[TestClient[Any], 
     )
     assert denied.status_code == 403
 
-    first = client.get("/v1/audit", params={"limit": 2}, headers=admin).json()
+    start = client.get("/v1/audit", params={"limit": 1}, headers=admin).json()["data"]
+    assert [(r["seq"], r["action"]) for r in start] == [(1, "audit.chain_start")]  # how this chain began
+    first = client.get("/v1/audit", params={"after": 1, "limit": 2}, headers=admin).json()
     assert first["object"] == "list" and first["has_more"] is True
-    assert [r["seq"] for r in first["data"]] == [1, 2] and first["last_seq"] == 2
+    assert [r["seq"] for r in first["data"]] == [2, 3] and first["last_seq"] == 3
     assert [(r["subject"], r["tenant"], r["action"]) for r in first["data"]] == [
         ("alice", "acme", "model.list"),
         ("bob", "globex", "model.list"),
     ]
     assert {"seq", "prev", "mac", "request_id", "status", "outcome"} <= set(first["data"][0])
 
-    rest = client.get("/v1/audit", params={"after": 2, "limit": 1000}, headers=admin).json()
-    # record 3 (alice), 4 (the refused read), 5 (the first admin read); this read is not on disk yet
-    assert [r["seq"] for r in rest["data"]] == [3, 4, 5] and rest["has_more"] is False
+    rest = client.get("/v1/audit", params={"after": 3, "limit": 1000}, headers=admin).json()
+    # record 4 (alice), 5 (the refused read), 6 and 7 (the first admin reads); this read is not on disk yet
+    assert [r["seq"] for r in rest["data"]] == [4, 5, 6, 7] and rest["has_more"] is False
     assert rest["data"][1]["outcome"] == "denied" and rest["data"][1]["status"] == 403
     assert rest["data"][2]["action"] == "audit.list" and rest["data"][2]["subject"] == "root"
 
     acme = client.get("/v1/audit", params={"tenant": "acme", "limit": 1}, headers=admin).json()
-    assert [r["seq"] for r in acme["data"]] == [1] and acme["has_more"] is True
-    acme2 = client.get("/v1/audit", params={"tenant": "acme", "after": 1}, headers=admin).json()
+    assert [r["seq"] for r in acme["data"]] == [2] and acme["has_more"] is True
+    acme2 = client.get("/v1/audit", params={"tenant": "acme", "after": 2}, headers=admin).json()
     assert [r["tenant"] for r in acme2["data"]] == ["acme", "acme"]  # alice's read and the refused one
     assert acme2["has_more"] is False and acme2["last_seq"] == acme2["data"][-1]["seq"]
 
@@ -118,7 +120,7 @@ def test_rate_limit_through_the_app(tmp_path: Path) -> None:
             client.get("/v1/models", headers=_bearer(settings, "models:read", sub="bob")).status_code == 200
         )
         assert client.get("/healthz").status_code == 200
-        records = services_of(app).audit_log.read_page(0, 100)
+        records = services_of(app).audit_log.read_page(1, 100)  # after the chain's first record
         assert [r["status"] for r in records[:6]] == [200] * 5 + [429]
         assert records[5]["outcome"] == "denied"
 
@@ -145,19 +147,19 @@ def test_page_seeks_by_bisection_and_agrees_with_a_full_scan(tmp_path: Path) -> 
             page = log.page(after, 3)
             expected = [r for r in everything if r["seq"] > after][:3]
             assert page.records == expected, after
-            assert page.has_more == (after + 3 < 400)
+            assert page.has_more == (after + 3 < 401)  # 400 and the chain's first record
             assert page.last_seq == (expected[-1]["seq"] if expected else after)
         tenant = log.page(150, 1000, "t2")
         assert tenant.records == [r for r in everything if r["seq"] > 150 and r["tenant"] == "t2"]
         assert tenant.has_more is False
-        assert len(log.page(0, 5000).records) == 400 and log.page(0, 5000).records == everything
+        assert len(log.page(0, 5000).records) == 401 and log.page(0, 5000).records == everything
 
 
 def test_page_ignores_a_line_being_written(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
     with AuditLog(path, b"k" * 32) as log:
-        for _ in range(3):
-            log.append({"action": "x"})
+        for _ in range(2):
+            log.append({"action": "x"})  # seq 2 and 3, after the chain's first record
         with open(path, "ab") as fh:
             fh.write(b'{"seq": 4, "half')  # an append in flight, as another reader would see it
         page = log.page(0, 10)

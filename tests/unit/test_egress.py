@@ -7,9 +7,11 @@ through is still stopped before a real connect (and recorded; `forget_attempts` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
@@ -234,3 +236,77 @@ def test_a_bind_host_given_by_name_may_be_resolved() -> None:
         assert guard is not None
         guard.uninstall()
         assert guard.names == frozenset() and guard.networks == ()  # literals need no allow entry
+
+
+# ── beneath the patches: the audit hook sees what goes around them ──────────────────────────────────────────
+
+
+def _raw(kind: int) -> contextlib.closing[Any]:
+    """A socket of the C class beneath socket.socket, which the patches never touch."""
+    import _socket
+
+    return contextlib.closing(_socket.socket(socket.AF_INET, kind))
+
+
+def test_getnameinfo_is_guarded(blocked: list[str]) -> None:
+    with pytest.raises(EgressBlocked, match="resolve"):
+        socket.getnameinfo(("203.0.113.9", 443), 0)  # a PTR query would leave the machine
+    assert socket.getnameinfo(("203.0.113.9", 443), socket.NI_NUMERICHOST | socket.NI_NUMERICSERV) == (
+        "203.0.113.9",
+        "443",
+    )  # formatting an address sends nothing
+    assert socket.getnameinfo(("127.0.0.1", 80), socket.NI_NUMERICSERV)[1] == "80"
+    assert blocked == ["203.0.113.9"]
+
+
+def test_the_unpatched_socket_class_is_refused_too(blocked: list[str]) -> None:
+    address = ("203.0.113.5", 80)
+    with _raw(socket.SOCK_STREAM) as raw, pytest.raises(EgressBlocked):
+        raw.connect(address)
+    with _raw(socket.SOCK_STREAM) as raw, pytest.raises(EgressBlocked):
+        raw.connect_ex(address)
+    with socket.socket() as sock, pytest.raises(EgressBlocked):
+        super(socket.socket, sock).connect(address)  # the C method beneath the patched class
+    with _raw(socket.SOCK_DGRAM) as udp:
+        with pytest.raises(EgressBlocked):
+            udp.sendto(b"x", address)
+        with pytest.raises(EgressBlocked):
+            udp.sendmsg([b"x"], [], 0, address)
+    assert blocked == [address[0]] * 5
+    assert conftest._attempts == []  # this guard refused first, as with the patches
+
+
+def test_the_unpatched_lookups_are_refused_too(blocked: list[str]) -> None:
+    import _socket
+
+    for lookup, args in [
+        (_socket.getaddrinfo, ("pypi.org", 443)),
+        (_socket.gethostbyname, ("pypi.org",)),
+        (_socket.gethostbyname_ex, ("pypi.org",)),
+        (_socket.gethostbyaddr, ("8.8.8.8",)),
+        (_socket.getnameinfo, (("8.8.8.8", 53), socket.NI_NUMERICHOST)),  # flags unseen: refused
+    ]:
+        with pytest.raises(EgressBlocked):
+            lookup(*args)
+    assert blocked == ["pypi.org"] * 3 + ["8.8.8.8"] * 2
+    assert _socket.getaddrinfo("127.0.0.1", 80)[0][4][0] == "127.0.0.1"  # loopback still resolves
+
+
+def test_the_hook_lets_allowed_destinations_through_and_stops_at_uninstall(forget_attempts: None) -> None:
+    seen: list[str] = []
+    with EgressGuard(["10.20.0.0/16"], on_block=seen.append):
+        with _raw(socket.SOCK_STREAM) as raw, pytest.raises(EgressBlocked):
+            raw.connect(("10.20.3.4", 443))
+        assert seen == [] and conftest._attempts == ["'10.20.3.4'"]  # refused beneath, by conftest's guard
+    conftest._attempts.clear()
+    with _raw(socket.SOCK_STREAM) as raw, pytest.raises(EgressBlocked):
+        raw.connect(("203.0.113.5", 80))
+    assert seen == [] and conftest._attempts == ["'203.0.113.5'"]  # the uninstalled guard no longer asked
+
+
+def test_loopback_through_the_unpatched_class_still_works(blocked: list[str]) -> None:
+    server, port, thread = _loopback_server()
+    with server, _raw(socket.SOCK_STREAM) as raw:
+        raw.connect(("127.0.0.1", port))
+        thread.join(timeout=2)
+    assert blocked == []

@@ -162,6 +162,22 @@ def test_too_large_is_413_and_leaves_nothing(tmp_path: Path) -> None:
         assert api.upload(ALPACA_JSONL[:150].rsplit(b"\n", 2)[0] + b"\n").status_code == 200  # under it: fine
 
 
+def test_a_chunked_body_past_the_limit_is_413_whatever_part_it_is_in(tmp_path: Path) -> None:
+    """No Content-Length: a preamble (before the first boundary) of 1 MiB is counted like the file itself."""
+    for api in _api(tmp_path, limits={"max_upload_bytes": 200}):
+
+        def chunks() -> Iterator[bytes]:
+            for _ in range(16):
+                yield b"x" * 65536
+            yield b'--B\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nfine-tune\r\n--B--\r\n'
+
+        headers = {**api.headers(), "Content-Type": "multipart/form-data; boundary=B"}
+        response = api.client.post("/v1/files", content=chunks(), headers=headers)
+        assert response.status_code == 413, response.text
+        assert response.json()["error"]["code"] == "payload_too_large"
+        assert api.stored_bodies() == [] and api.staged() == []
+
+
 def test_list_pages_orders_and_filters(api: Api) -> None:
     ids = [api.upload(ALPACA_JSONL).json()["id"] for _ in range(3)]
     listed = api.client.get("/v1/files", headers=api.headers()).json()

@@ -28,17 +28,29 @@ _FIELD_LIMIT = 4096  # bytes of a non-file form field (purpose, ...)
 _FORM_OVERHEAD = 64 * 1024  # multipart headers and small fields on top of the file itself
 
 
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"The file is larger than this server's limit of {limit} bytes.", param="file")
+
+
 async def _read_form(
     body: AsyncIterator[bytes], boundary: str, upload: Upload
 ) -> tuple[dict[str, str], str | None]:
-    """Stream a multipart body: the `file` part into `upload`, other small fields into a dict."""
+    """Stream a multipart body: the `file` part into `upload`, other small fields into a dict.
+
+    Every byte counts against the limit as it arrives, the preamble and headers included, so a body sent
+    without Content-Length (chunked) is cut off as soon as it passes the limit, whatever part it is in.
+    """
     fields: dict[str, str] = {}
     filename: str | None = None
     segment: MultipartSegment | None = None
     value = bytearray()
+    received, limit = 0, upload.limit + _FORM_OVERHEAD
     try:
         parser = PushMultipartParser(boundary, max_segment_count=32)
         async for chunk in body:
+            received += len(chunk)
+            if received > limit:
+                raise _too_large(upload.limit)
             for event in parser.parse(chunk):  # the request stream ends with b"", which closes the parser
                 if isinstance(event, MultipartSegment):
                     segment, value = event, bytearray()
@@ -90,10 +102,7 @@ class FilesController(Controller):
             )
         length = request.content_length
         if length is not None and length > files.max_upload_bytes + _FORM_OVERHEAD:
-            raise PayloadTooLarge(
-                f"The file is larger than this server's limit of {files.max_upload_bytes} bytes.",
-                param="file",
-            )
+            raise _too_large(files.max_upload_bytes)
         upload = files.receive()
         try:
             fields, filename = await _read_form(request.stream(), boundary, upload)
