@@ -42,7 +42,7 @@ from gateway.engine.factory import EngineFactory, build_engine
 from gateway.security.master_key import cipher_from_settings
 from gateway.security.slow_clients import BodyDeadline
 
-__all__ = ["create_app", "services_of"]
+__all__ = ["create_app", "litestar_of", "services_of"]
 
 log = structlog.get_logger(__name__)
 
@@ -109,12 +109,18 @@ def create_app(
     return AuditMiddleware(bounded, audit_log, append=services.metrics.observing(audit_log.append))
 
 
-def services_of(app: Any) -> Services:
-    """The Services of an app create_app built (through its audit and body-deadline wrappers)."""
+def litestar_of(app: Any) -> Litestar:
+    """The Litestar app inside what create_app returns (its audit and body-deadline wrappers)."""
     inner: Any = app
     while isinstance(inner, AuditMiddleware | BodyDeadline):
         inner = inner.app
-    services: Services = inner.state["services"]
+    litestar: Litestar = inner
+    return litestar
+
+
+def services_of(app: Any) -> Services:
+    """The Services of an app create_app built."""
+    services: Services = litestar_of(app).state["services"]
     return services
 
 

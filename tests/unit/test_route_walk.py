@@ -26,7 +26,7 @@ from litestar import Litestar
 from litestar.routes import HTTPRoute
 from litestar.testing import TestClient
 
-from gateway.app import create_app
+from gateway.app import create_app, litestar_of
 from gateway.auth.keys import ensure_dev_keys
 from gateway.auth.tokens import mint_dev_token
 from gateway.core.principal import ALL_SCOPES
@@ -106,7 +106,7 @@ def _walk(tmp_path: Path, access: str, peer: str, metrics_open: bool) -> Iterato
     )
     ensure_dev_keys(settings)
     app = create_app(settings, engines={"smollm2-135m-instruct": FakeEngine()})
-    litestar_app = app.app  # type: ignore[attr-defined]  # inside the AuditMiddleware
+    litestar_app = litestar_of(app)
     with TestClient(Peer(app, peer)) as client:
         walk = Walk(client, settings, metrics_open, endpoints(litestar_app))
         walk.public = {e for e in walk.endpoints if walk.call(e).status_code != 401}
