@@ -29,6 +29,7 @@ from gateway.api.models.routes import ModelsController
 from gateway.api.ops.audit import list_audit_records
 from gateway.api.ops.health import healthz, readyz
 from gateway.api.ops.metrics import metrics_route
+from gateway.api.responses.routes import ResponsesController
 from gateway.api.services import Services
 from gateway.audit.log import open_audit_log
 from gateway.audit.middleware import AuditMiddleware
@@ -132,6 +133,7 @@ def _routes(settings: Settings, gate: Gate) -> list[ControllerRouterHandler]:
         metrics_route(settings, gate),
         list_audit_records,
         ChatController,
+        ResponsesController,
         ModelsController,
         FilesController,
         FineTuningController,

@@ -1,7 +1,7 @@
 """Every long-lived object the routes use, built once per app: the typed app state.
 
-The app hands each field to Litestar as a dependency of the same name (`registry`, `chat`, `models`,
-`files`, `jobs`, `settings`, `metrics`, `audit_log`, `worker`, plus the request's `principal` and
+The app hands each field to Litestar as a dependency of the same name (`registry`, `chat`, `responses`,
+`models`, `files`, `jobs`, `settings`, `metrics`, `audit_log`, `worker`, plus the request's `principal` and
 `request_state`), so handlers receive what they need as parameters and nothing reads a string-keyed dict.
 `start`/`close` run in the app's lifespan.
 """
@@ -24,6 +24,7 @@ from gateway.api.fine_tuning.hot_load import FineTunedModels
 from gateway.api.fine_tuning.service import JobService
 from gateway.api.models.registry import ModelRegistry
 from gateway.api.models.service import ModelsService
+from gateway.api.responses.service import ResponsesService
 from gateway.audit.log import AuditLog
 from gateway.auth.guards import provide_principal
 from gateway.core.request_state import RequestState, request_state
@@ -41,6 +42,7 @@ class Services:
     settings: Settings
     registry: ModelRegistry
     chat: ChatService
+    responses: ResponsesService  # POST /v1/responses, answered through `chat`
     models: ModelsService
     files: FileService
     jobs: JobService
@@ -67,10 +69,12 @@ class Services:
         registry.adapter_opener = fine_tuned.open_adapter
         registry.on_miss = fine_tuned.resolve
         metrics = GatewayMetrics(engines=registry.engines, store=lambda: store, worker=worker)
+        chat = ChatService(registry, settings.limits, metrics)
         return cls(
             settings=settings,
             registry=registry,
-            chat=ChatService(registry, settings.limits, metrics),
+            chat=chat,
+            responses=ResponsesService(chat),
             models=ModelsService(registry, fine_tuned.remove),
             files=FileService(
                 store,
