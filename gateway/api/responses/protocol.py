@@ -171,8 +171,8 @@ class Response(Struct, kw_only=True):
     parallel_tool_calls: bool
     text: dict[str, Any]
     metadata: dict[str, str]
-    user: str | None
-    usage: ResponseUsage | None = None
+    user: str | UnsetType = UNSET  # echoed when sent (the spec allows no null here)
+    usage: ResponseUsage | UnsetType = UNSET  # once generation is done (the spec allows no null)
     completed_at: int | None = None
     error: ResponseError | None = None
     incomplete_details: IncompleteDetails | None = None

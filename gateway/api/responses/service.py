@@ -117,5 +117,5 @@ def _in_progress(req: p.ResponseRequest, translation: ChatTranslation) -> p.Resp
         parallel_tool_calls=True if req.parallel_tool_calls is None else req.parallel_tool_calls,
         text={"format": text_format or {"type": "text"}},
         metadata=req.metadata or {},
-        user=req.user,
+        user=msgspec.UNSET if req.user is None else req.user,
     )
