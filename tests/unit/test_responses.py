@@ -225,6 +225,12 @@ def test_unsupported_or_malformed_fields_are_400s_with_their_path(fields: dict[s
     assert refused.value.param == param
 
 
+def test_a_built_in_tool_is_refused_as_such_whatever_the_chat_side_has() -> None:
+    with pytest.raises(InvalidRequest) as refused:
+        to_chat(request(tools=[{"type": "web_search"}]), PLAIN_CHAT)
+    assert refused.value.param == "tools[0].type" and "Only function tools" in refused.value.message
+
+
 def test_chat_error_params_point_back_at_the_responses_fields() -> None:
     items = [
         {"role": "user", "content": "a"},

@@ -101,8 +101,9 @@ def to_chat(req: p.ResponseRequest, chat_fields: Collection[str]) -> ChatTransla
             )
             body["response_format"] = response_format
     if req.tools:
+        tools = [_tool(i, tool) for i, tool in enumerate(req.tools)]  # a built-in tool is refused first
         _needs(chat_fields, "tools", "tools", "function tools")
-        body["tools"] = [_tool(i, tool) for i, tool in enumerate(req.tools)]
+        body["tools"] = tools
     if req.tool_choice is not None and (req.tools or req.tool_choice != "none"):
         _needs(chat_fields, "tool_choice", "tool_choice", "tool_choice")
         body["tool_choice"] = _tool_choice(req.tool_choice)
