@@ -24,6 +24,7 @@ from gateway.api.responses.stream import response_events
 from gateway.api.responses.translate import (
     ChatCompletionView,
     ChatTranslation,
+    error_path,
     new_id,
     output_items,
     refuse_stored_state,
@@ -92,8 +93,7 @@ def _chat_request(translation: ChatTranslation) -> ChatCompletionRequest:
     try:
         return msgspec.convert(translation.body, ChatCompletionRequest)
     except msgspec.ValidationError as exc:
-        path = str(exc).rpartition("at `$.")[2].rstrip("`") if "at `$." in str(exc) else None
-        raise InvalidRequest(f"Invalid request: {exc}", param=translation.param(path)) from None
+        raise InvalidRequest(f"Invalid request: {exc}", param=translation.param(error_path(exc))) from None
 
 
 def _in_progress(req: p.ResponseRequest, translation: ChatTranslation) -> p.Response:

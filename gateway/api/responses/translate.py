@@ -37,6 +37,7 @@ from gateway.core.errors import InvalidRequest
 __all__ = [
     "ChatCompletionView",
     "ChatTranslation",
+    "error_path",
     "new_id",
     "output_items",
     "refuse_stored_state",
@@ -44,6 +45,8 @@ __all__ = [
 ]
 
 _TEXT_PARTS = {"input_text", "output_text", "text"}  # "text": what a chat-style client may send
+_ERROR_AT = re.compile(r"at `\$\.?([^`]*)`")
+_ERROR_MISSING = re.compile(r"missing required field `(\w+)`")
 _MESSAGE_PARAM = re.compile(r"^messages\[(\d+)\](.*)$")
 _PARAM_NAMES = {"max_tokens": "max_output_tokens", "max_completion_tokens": "max_output_tokens"}
 _ITEM_KINDS: dict[str, type[Struct]] = {
@@ -177,13 +180,19 @@ def _input_items(out: ChatTranslation, items: list[dict[str, Any]], chat_fields:
             _append(out, {"role": "tool", "tool_call_id": item.call_id, "content": output}, param)
 
 
+def error_path(exc: msgspec.ValidationError) -> str | None:
+    """The field a msgspec validation error is about, as a dotted path (`messages[0].content`)."""
+    message = str(exc)
+    path, missing = _ERROR_AT.search(message), _ERROR_MISSING.search(message)
+    parts = [m.group(1) for m in (path, missing) if m and m.group(1)]
+    return ".".join(parts) or None
+
+
 def _convert(raw: dict[str, Any], kind: type[Struct], param: str) -> Any:
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        path = re.search(r"at `\$\.?([^`]*)`", str(exc))
-        missing = re.search(r"missing required field `(\w+)`", str(exc))
-        suffix = next((m.group(1) for m in (path, missing) if m and m.group(1)), "")
+        suffix = error_path(exc)
         raise InvalidRequest(
             f"Invalid input item: {exc}", param=f"{param}.{suffix}" if suffix else param
         ) from None
