@@ -551,3 +551,17 @@ def test_lookups_of_stored_responses_are_400s(app: App, method: str, path: str) 
 
 def test_the_chat_request_type_is_read_for_what_it_can_carry() -> None:
     assert {"model", "messages", "max_completion_tokens", "temperature", "seed"} <= CHAT_FIELDS
+
+
+def test_closing_the_event_stream_early_closes_the_chat_stream() -> None:
+    """A client that goes away mid-answer: the generation behind it is closed (and so aborted)."""
+    chat = ChatSSE(chunk({"content": "Par"}), chunk({"content": "is"}), chunk({}, "stop"))
+
+    async def run() -> list[bytes]:
+        events = response_events(chat, _in_progress())
+        taken = [await anext(events) for _ in range(5)]  # created ... the first delta
+        await events.aclose()
+        return taken
+
+    taken = asyncio.run(run())
+    assert b"response.output_text.delta" in taken[-1] and chat.closed
