@@ -198,6 +198,7 @@ def test_a_chat_service_without_the_feature_answers_400_naming_the_field(
     # plain text output and tool_choice "none" without tools need nothing of the chat side
     assert "response_format" not in to_chat(request(text={"format": {"type": "text"}}), PLAIN_CHAT).body
     assert "tool_choice" not in to_chat(request(tool_choice="none"), PLAIN_CHAT).body
+    assert "tool_choice" not in to_chat(request(tool_choice="auto"), PLAIN_CHAT).body
 
 
 @pytest.mark.parametrize(
@@ -213,6 +214,8 @@ def test_a_chat_service_without_the_feature_answers_400_naming_the_field(
         ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"tools": [{"type": "function"}]}, "tools[0].name"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"tool_choice": "required"}, "tool_choice"),  # and no tools
+        ({"tool_choice": {"type": "function", "name": "f"}}, "tool_choice"),
         ({"tool_choice": {"type": "file_search"}}, "tool_choice"),
         ({"text": {"format": {"type": "xml"}}}, "text.format.type"),
         ({"text": {"format": {"type": "json_schema", "schema": {}}}}, "text.format.name"),

@@ -107,9 +107,13 @@ def to_chat(req: p.ResponseRequest, chat_fields: Collection[str]) -> ChatTransla
         tools = [_tool(i, tool) for i, tool in enumerate(req.tools)]  # a built-in tool is refused first
         _needs(chat_fields, "tools", "tools", "function tools")
         body["tools"] = tools
-    if req.tool_choice is not None and (req.tools or req.tool_choice != "none"):
-        _needs(chat_fields, "tool_choice", "tool_choice", "tool_choice")
-        body["tool_choice"] = _tool_choice(req.tool_choice)
+    if req.tool_choice is not None:
+        choice = _tool_choice(req.tool_choice)
+        if req.tools:
+            _needs(chat_fields, "tool_choice", "tool_choice", "tool_choice")
+            body["tool_choice"] = choice
+        elif choice not in ("none", "auto"):  # "auto" or "none" with no tools: nothing to choose from
+            raise InvalidRequest("tool_choice requires `tools` to choose from.", param="tool_choice")
     return out
 
 
