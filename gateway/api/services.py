@@ -26,6 +26,7 @@ from gateway.api.models.registry import ModelRegistry
 from gateway.api.models.service import ModelsService
 from gateway.audit.log import AuditLog
 from gateway.auth.guards import provide_principal
+from gateway.auth.quotas import Quotas
 from gateway.core.request_state import RequestState, request_state
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
@@ -49,6 +50,7 @@ class Services:
     metrics: GatewayMetrics
     audit_log: AuditLog
     worker: WorkerSupervisor | None
+    quotas: Quotas
 
     @classmethod
     def build(
@@ -67,23 +69,26 @@ class Services:
         registry.adapter_opener = fine_tuned.open_adapter
         registry.on_miss = fine_tuned.resolve
         metrics = GatewayMetrics(engines=registry.engines, store=lambda: store, worker=worker)
+        quotas = Quotas(settings.quotas)
         return cls(
             settings=settings,
             registry=registry,
-            chat=ChatService(registry, settings.limits, metrics),
+            chat=ChatService(registry, settings.limits, metrics, tokens=quotas.tokens),
             models=ModelsService(registry, fine_tuned.remove),
             files=FileService(
                 store,
                 blobs,
                 max_upload_bytes=settings.limits.max_upload_bytes,
                 max_train_rows=settings.finetune.max_train_rows,
+                quotas=quotas,
             ),
-            jobs=JobService(store, blobs, registry),
+            jobs=JobService(store, blobs, registry, quotas=quotas),
             fine_tuned=fine_tuned,
             store=store,
             metrics=metrics,
             audit_log=audit_log,
             worker=worker,
+            quotas=quotas,
         )
 
     def dependencies(self) -> dict[str, Provide | Callable[..., Any]]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from contracts.blobs import BlobStorage
 from contracts.names import invalid_suffix
 from gateway.api.fine_tuning import protocol as p
 from gateway.api.models.registry import ModelRegistry
+from gateway.auth.quotas import Quotas
 from gateway.core.errors import InvalidRequest, NotFound
 from gateway.core.principal import Principal
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id
@@ -101,10 +103,14 @@ def _object(value: Any, param: str) -> dict[str, Any] | None:
 
 
 class JobService:
-    def __init__(self, store: Store, blobs: BlobStorage, registry: ModelRegistry) -> None:
+    def __init__(
+        self, store: Store, blobs: BlobStorage, registry: ModelRegistry, *, quotas: Quotas | None = None
+    ) -> None:
         self.store = store
         self.blobs = blobs
         self.registry = registry
+        self.quotas = quotas
+        self._quota_lock = threading.Lock()  # count + insert as one step
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- create ---------------------------------------------------------------------------------------------
@@ -138,9 +144,12 @@ class JobService:
             status="validating_files",
             created_at=int(time.time()),
         )
-        with self.store.db.transaction():
-            self.store.jobs.add(job)
-            self.store.events.add(job.id, f"Created fine-tuning job: {job.id}")
+        with self._quota_lock:
+            if self.quotas is not None:
+                self.quotas.check_waiting_jobs(principal.tenant, self.store.jobs.waiting(principal.tenant))
+            with self.store.db.transaction():
+                self.store.jobs.add(job)
+                self.store.events.add(job.id, f"Created fine-tuning job: {job.id}")
         log.info("fine_tuning.job_created", job_id=job.id, model=base, rows=training.rows)
         return job
 
