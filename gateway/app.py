@@ -30,7 +30,7 @@ from gateway.api.ops.audit import list_audit_records
 from gateway.api.ops.health import healthz, readyz
 from gateway.api.ops.metrics import metrics_route
 from gateway.api.services import Services
-from gateway.audit.log import open_audit_log
+from gateway.audit.log import AuditLog, open_audit_log
 from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import Gate
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
@@ -83,11 +83,13 @@ def create_app(
             background.add(task)
             task.add_done_callback(background.discard)
         watch = asyncio.create_task(_watch_engines(registry, on_engine_failed))
+        probe = asyncio.create_task(_probe_audit(audit_log, settings.audit.probe_seconds))
         await services.start()
         try:
             yield
         finally:
             watch.cancel()
+            probe.cancel()
             await services.close()
             for engine in registry.engines():
                 await asyncio.to_thread(engine.shutdown)
@@ -148,6 +150,14 @@ async def _watch_engines(registry: ModelRegistry, on_failed: Callable[[], None] 
             if on_failed is not None:
                 on_failed()
             return
+
+
+async def _probe_audit(audit_log: AuditLog, every: float) -> None:
+    """Fail closed, then recover: while the log is unavailable, try its `audit.recovered` append."""
+    while True:
+        await asyncio.sleep(every)
+        if not audit_log.available:
+            await asyncio.to_thread(audit_log.probe)
 
 
 async def _start_default(registry: ModelRegistry, name: str) -> None:

@@ -212,6 +212,12 @@ class AuditSettings:
     key_file: str = _f(
         "", "HMAC key for the audit chain, kept apart from the log. Empty: <data_dir>/keys/audit.key."
     )
+    probe_seconds: float = _f(
+        2.0,
+        "Fail closed: after a failed audit append (disk full, I/O error) every request gets 503 "
+        'audit_unavailable and /readyz says "audit": false; this often the gateway tries to append an '
+        "`audit.recovered` record, and serves again once it is written.",
+    )
 
 
 @dataclass(frozen=True)
