@@ -34,11 +34,19 @@ import anyio
 import structlog
 from litestar.types import ASGIApp, Message, Receive, Scope, Send
 
+from gateway.audit.flood import UnauthenticatedFlood
 from gateway.audit.log import AuditLog
-from gateway.core.errors import AuditUnavailable
+from gateway.core.errors import AuditUnavailable, GatewayError
 from gateway.core.request_state import RequestState, request_state
 
-__all__ = ["ALWAYS_SERVED", "REQUEST_ID_HEADER", "AuditMiddleware", "outcome_for", "send_unavailable"]
+__all__ = [
+    "ALWAYS_SERVED",
+    "REQUEST_ID_HEADER",
+    "AuditMiddleware",
+    "outcome_for",
+    "send_error",
+    "send_unavailable",
+]
 
 log = structlog.get_logger(__name__)
 
@@ -49,21 +57,27 @@ CLIENT_CLOSED = 499  # nginx's "client closed request": the response never finis
 # that /readyz can say why the gateway is not ready.
 ALWAYS_SERVED = frozenset({"/healthz", "/readyz"})
 _UNAVAILABLE = AuditUnavailable(
-    "The audit log cannot be written right now, so this request was not served; retry later."
+    "The audit log cannot be written right now, so this request was not served; retry later.",
+    headers={"Retry-After": "5"},
 )
+
+
+async def send_error(send: Send, request_id: str, error: GatewayError) -> None:
+    """An error envelope sent in full from here, outside the app (audit unavailable, a flood's 429)."""
+    body = json.dumps(error.envelope()).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *((name.lower().encode(), value.encode()) for name, value in error.headers.items()),
+        (REQUEST_ID_HEADER, request_id.encode()),
+    ]
+    await send({"type": "http.response.start", "status": error.status_code, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 async def send_unavailable(send: Send, request_id: str) -> None:
     """The 503 audit_unavailable answer, sent in full (its own record cannot be written)."""
-    body = json.dumps(_UNAVAILABLE.envelope()).encode()
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"5"),
-        (REQUEST_ID_HEADER, request_id.encode()),
-    ]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
+    await send_error(send, request_id, _UNAVAILABLE)
 
 
 def outcome_for(status: int) -> str:
@@ -98,11 +112,24 @@ class AuditMiddleware:
     """Wraps the whole ASGI app; `append` defaults to the log's and runs in a worker thread (it fsyncs)."""
 
     def __init__(
-        self, app: ASGIApp, audit_log: AuditLog, *, append: Callable[[dict[str, Any]], Any] | None = None
+        self,
+        app: ASGIApp,
+        audit_log: AuditLog,
+        *,
+        append: Callable[[dict[str, Any]], Any] | None = None,
+        flood: UnauthenticatedFlood | None = None,
     ) -> None:
         self.app = app
         self.audit_log = audit_log
         self._append = append or audit_log.append
+        self.flood = flood
+
+    def _flood_refusal(self, scope: Scope, state: RequestState, status: int | None) -> GatewayError | None:
+        """A refused request with no identity, past its address's budget: the 429 to send unrecorded."""
+        if self.flood is None or state.principal is not None or status is None or status < 400:
+            return None
+        client = scope.get("client")
+        return self.flood.refuse(client[0] if client else "unknown")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -152,6 +179,12 @@ class AuditMiddleware:
                 return
             final = not message.get("more_body", False)
             held, response["start"] = response["start"], None
+            if final and held is not None and not always_served:
+                refusal = self._flood_refusal(scope, state, response["status"])
+                if refusal is not None:  # counted in the address's flood window instead of a record
+                    response["written"] = response["aborted"] = True
+                    await send_error(send, request_id, refusal)
+                    return
             if final:
                 # Write-ahead: the record is on disk before the client can see the response end, so a
                 # response received in full has its record even if the process dies a moment later.
@@ -185,7 +218,9 @@ class AuditMiddleware:
             except Exception as exc:
                 log.error("request.release_failed", request_id=request_id, error_type=type(exc).__name__)
             if not response["written"]:
-                await write(_unfinished_status(response["status"], failure))
+                status = _unfinished_status(response["status"], failure)
+                if always_served or self._flood_refusal(scope, state, status) is None:
+                    await write(status)
 
     @staticmethod
     def _record(
