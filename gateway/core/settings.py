@@ -247,6 +247,17 @@ class FinetuneSettings:
     poll_seconds: float = _f(1.0, "How often an idle worker looks for queued jobs.")
     device: str = _f("auto", "Training device: auto, cpu, cuda.")
     max_train_rows: int = _f(100_000, "Largest training file in rows.")
+    keep_checkpoints: int = _f(
+        2,
+        "Trainer checkpoints (adapter + optimizer state) a running job keeps in its work dir: the newest; "
+        "older ones are deleted once published. 0 = keep all.",
+    )
+    max_lora_rank: int = _f(64, "Largest lora_rank a job may ask for; more -> 400 (a rank's cost is linear).")
+    max_checkpoints_per_job: int = _f(
+        100,
+        "Floor on save_steps: a job may save at most this many checkpoints, so save_steps must be at least "
+        "its total steps / this (0 = only the last is always allowed); less -> 400.",
+    )
 
 
 @dataclass(frozen=True)

@@ -47,11 +47,20 @@ _METHOD_KEYS = ("type", "supervised", "dpo", "reinforcement")
 _METHODS = ("supervised", "dpo", "reinforcement")
 
 
-def resolve(request: p.CreateJobRequest, rows: int) -> tuple[dict[str, Any], str]:
+def resolve(
+    request: p.CreateJobRequest,
+    rows: int,
+    *,
+    max_lora_rank: int | None = None,
+    max_checkpoints: int | None = None,
+) -> tuple[dict[str, Any], str]:
     """Every training setting, with "auto" and omitted values resolved; and the JSON path they came from."""
     given, where = _given_hyperparameters(request)
     try:
-        return hyperparameters.resolve(given, rows=rows), where
+        resolved = hyperparameters.resolve(
+            given, rows=rows, max_lora_rank=max_lora_rank, max_checkpoints=max_checkpoints
+        )
+        return resolved, where
     except hyperparameters.InvalidHyperparameters as exc:
         label = "Invalid hyperparameter" if len(exc.problems) == 1 else "Invalid hyperparameters"
         raise InvalidRequest(f"{label}: {exc}.", param=f"{where}.{exc.problems[0][0]}") from None
@@ -104,8 +113,17 @@ def _object(value: Any, param: str) -> dict[str, Any] | None:
 
 class JobService:
     def __init__(
-        self, store: Store, blobs: BlobStorage, registry: ModelRegistry, *, quotas: Quotas | None = None
+        self,
+        store: Store,
+        blobs: BlobStorage,
+        registry: ModelRegistry,
+        *,
+        quotas: Quotas | None = None,
+        max_lora_rank: int | None = None,
+        max_checkpoints: int | None = None,
     ) -> None:
+        self.max_lora_rank = max_lora_rank
+        self.max_checkpoints = max_checkpoints
         self.store = store
         self.blobs = blobs
         self.registry = registry
@@ -129,7 +147,12 @@ class JobService:
             raise InvalidRequest(
                 "Invalid suffix: use only letters, digits, '.', '_' and '-'.", param="suffix"
             )
-        hyperparameters, _ = resolve(request, training.rows or 0)
+        hyperparameters, _ = resolve(
+            request,
+            training.rows or 0,
+            max_lora_rank=self.max_lora_rank,
+            max_checkpoints=self.max_checkpoints,
+        )
         job = JobRecord(
             id=new_id("ftjob-"),
             tenant=principal.tenant,
