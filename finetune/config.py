@@ -93,8 +93,11 @@ class TrainConfig:
     )
     save_steps: int = _job_setting("save_steps")
     keep_checkpoints: int = field(
-        default=2,
-        metadata={"help": "checkpoints kept in output_dir (the newest); older ones are deleted; 0 = all"},
+        default=0,
+        metadata={
+            "help": "checkpoints kept in output_dir (the newest), older ones deleted; 0 = all (the worker "
+            "passes finetune.keep_checkpoints)"
+        },
     )
     eval_steps: int | None = field(
         default=None,

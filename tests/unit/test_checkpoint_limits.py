@@ -73,5 +73,8 @@ def test_prune_keeps_the_newest_k_complete_checkpoints(tmp_path: Path) -> None:
     assert prune_checkpoints(tmp_path, 0) == [] and len(complete_checkpoints(tmp_path)) == 2
 
 
-def test_keep_checkpoints_is_a_validated_trainer_setting() -> None:
-    assert TrainConfig.__dataclass_fields__["keep_checkpoints"].default == 2
+def test_the_worker_hands_the_trainer_its_retention() -> None:
+    from gateway.core.settings import Settings
+
+    assert TrainConfig.__dataclass_fields__["keep_checkpoints"].default == 0  # the library keeps all
+    assert Settings().finetune.keep_checkpoints == 2  # a job keeps the newest two

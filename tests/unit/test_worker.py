@@ -217,6 +217,9 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert done.estimated_finish is None and done.error is None
     config = trainer.configs[0]
     assert config.kwargs["learning_rate"] == 2e-4  # the default rate times the default multiplier, 1
+    assert (
+        config.kwargs["keep_checkpoints"] == 2
+    )  # finetune.keep_checkpoints: the disk a job holds is bounded
     assert config.kwargs["target_modules"] == (
         "q_proj",
         "k_proj",
