@@ -12,6 +12,7 @@ accepted in the same object.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -26,6 +27,7 @@ __all__ = [
     "Hyperparameter",
     "InvalidHyperparameters",
     "auto_batch_size",
+    "estimated_steps",
     "resolve",
     "training_settings",
 ]
@@ -142,8 +144,46 @@ def auto_batch_size(rows: int) -> int:
     return max(1, min(8, rows // 8))
 
 
-def resolve(given: Mapping[str, Any] | None, *, rows: int) -> dict[str, Any]:
-    """Every setting, from `given` where it says so and the defaults elsewhere ("auto" resolved)."""
+def estimated_steps(values: Mapping[str, Any], rows: int) -> int:
+    """Optimizer steps of a job (at most: packing several short examples into a row only lowers it)."""
+    micro_batches = math.ceil(max(rows, 1) / values["batch_size"])
+    return int(values["n_epochs"]) * math.ceil(micro_batches / values["gradient_accumulation_steps"])
+
+
+def _server_limits(
+    values: Mapping[str, Any], rows: int, max_lora_rank: int | None, max_checkpoints: int | None
+) -> list[tuple[str, str]]:
+    """The limits this server sets on top of the table: lora_rank's cap and save_steps' floor."""
+    problems: list[tuple[str, str]] = []
+    if max_lora_rank and values["lora_rank"] > max_lora_rank:
+        problems.append(
+            ("lora_rank", f"lora_rank={values['lora_rank']} is above this server's limit of {max_lora_rank}")
+        )
+    save_steps = values["save_steps"]
+    if max_checkpoints and save_steps > 0:
+        steps = estimated_steps(values, rows)
+        floor = math.ceil(steps / max_checkpoints)
+        if save_steps < floor:
+            problems.append(
+                (
+                    "save_steps",
+                    f"save_steps={save_steps} would save up to {math.ceil(steps / save_steps)} checkpoints "
+                    f"of {steps} steps, past this server's limit of {max_checkpoints} per job: use "
+                    f"save_steps >= {floor}, or 0 for only the last",
+                )
+            )
+    return problems
+
+
+def resolve(
+    given: Mapping[str, Any] | None,
+    *,
+    rows: int,
+    max_lora_rank: int | None = None,
+    max_checkpoints: int | None = None,
+) -> dict[str, Any]:
+    """Every setting, from `given` where it says so and the defaults elsewhere ("auto" resolved).
+    `max_lora_rank` and `max_checkpoints` (a floor on save_steps) are the server's limits, when set."""
     given = dict(given or {})
     problems: list[tuple[str, str]] = []
     unknown = [key for key in given if key not in BY_NAME]
@@ -171,6 +211,8 @@ def resolve(given: Mapping[str, Any] | None, *, rows: int) -> dict[str, Any]:
         problems.append(
             ("learning_rate_multiplier", "learning_rate * learning_rate_multiplier must stay below 1")
         )
+    if not problems:
+        problems += _server_limits(values, rows, max_lora_rank, max_checkpoints)
     if problems:
         raise InvalidHyperparameters(problems)
     for spec in HYPERPARAMETERS:  # 3.0 for an integer setting becomes 3

@@ -33,6 +33,7 @@ __all__ = [
     "fingerprint",
     "latest_checkpoint",
     "load_checkpoint",
+    "prune_checkpoints",
     "remove_staging",
     "save_adapter",
     "save_checkpoint",
@@ -129,6 +130,17 @@ def fingerprint(config: TrainConfig) -> str:
 def complete_checkpoints(output_dir: Path) -> list[Path]:
     found = [path for path in (output_dir / "checkpoints").glob("step-*") if _is_complete(path)]
     return sorted(found, key=lambda path: int(path.name.removeprefix("step-")))
+
+
+def prune_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints (0 keeps all); returns what was deleted.  The
+    newest is never deleted, so resuming always has one; each is deleted only after the next is complete."""
+    if keep <= 0:
+        return []
+    old = complete_checkpoints(output_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return old
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

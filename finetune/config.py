@@ -92,6 +92,13 @@ class TrainConfig:
         metadata={"help": "a metrics event every this many optimizer steps (and at the last)"},
     )
     save_steps: int = _job_setting("save_steps")
+    keep_checkpoints: int = field(
+        default=0,
+        metadata={
+            "help": "checkpoints kept in output_dir (the newest), older ones deleted; 0 = all (the worker "
+            "passes finetune.keep_checkpoints)"
+        },
+    )
     eval_steps: int | None = field(
         default=None,
         metadata={"help": "validate every this many steps (and at the last); None = every save_steps"},
@@ -140,6 +147,7 @@ class TrainConfig:
         )
         _check(self, "quantization_bit", self.quantization_bit in (None, 4, 8), "must be None, 4 or 8")
         _check(self, "save_steps", self.save_steps >= 0, "must be >= 0")
+        _check(self, "keep_checkpoints", self.keep_checkpoints >= 0, "must be >= 0")
         _check(self, "eval_steps", self.eval_steps is None or self.eval_steps >= 1, "must be None or >= 1")
         _check(self, "device", self.device in ("auto", "cpu", "cuda"), "must be auto, cpu or cuda")
         _check(

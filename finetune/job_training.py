@@ -163,6 +163,7 @@ class JobTrainer:
             validation_file=valid_file,
             seed=job.seed,
             device=self.settings.finetune.device,
+            keep_checkpoints=self.settings.finetune.keep_checkpoints,
         )
 
     def _on_event(self, run: JobRun, kind: str, message: str, data: dict[str, Any]) -> None:

@@ -65,7 +65,13 @@ class Publisher:
     def final(self, run: JobRun, result: Any) -> None:
         """The job succeeded: its final adapter, its results file, and the job row saying so, together."""
         job = run.job
-        relative = self._export(Path(result.adapter_dir), job.id, "final")
+        steps = getattr(result, "steps", None)
+        last = self.data_dir / "adapters" / job.id / f"ckpt-step-{steps}"
+        if steps is not None and all((last / name).is_file() for name in _ADAPTER_FILES):
+            # the final adapter is the last step's checkpoint (the trainer saves one there): exported once
+            relative = self._link(last, job.id, "final")
+        else:
+            relative = self._export(Path(result.adapter_dir), job.id, "final")
         trained = int(result.trained_tokens)
         results = self._results_file(job, Path(result.metrics_csv).read_bytes())
         now = int(time.time())
@@ -125,6 +131,22 @@ class Publisher:
                     )
                 with open(src, "rb") as fh:
                     self.cipher.encrypt_stream(fh, staging / filename)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return str(target.relative_to(self.data_dir))
+
+    def _link(self, exported: Path, job_id: str, name: str) -> str:
+        """<data_dir>/adapters/<job>/<name> as hard links to an exported adapter: no second copy on disk, and
+        each directory can still be deleted on its own."""
+        parent = exported.parent
+        target = parent / name
+        if target.is_dir():
+            return str(target.relative_to(self.data_dir))
+        staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=parent))
+        try:
+            for filename in _ADAPTER_FILES:
+                os.link(exported / filename, staging / filename)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)

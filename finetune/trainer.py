@@ -48,6 +48,7 @@ from finetune.checkpoints import (
     fingerprint,
     latest_checkpoint,
     load_checkpoint,
+    prune_checkpoints,
     remove_staging,
     save_adapter,
     save_checkpoint,
@@ -263,6 +264,9 @@ def _train(run: Run, on_event: EventSink, should_stop: Callable[[], bool]) -> Tr
             on_event(
                 "checkpoint", f"Checkpoint saved at step {run.step}", {"step": run.step, "path": str(path)}
             )
+            prune_checkpoints(
+                config.output_dir, config.keep_checkpoints
+            )  # published above: the disk is bounded
 
     adapter_dir = config.output_dir / "adapter"
     write_dir_atomically(adapter_dir, lambda staging: save_adapter(run.model, staging))

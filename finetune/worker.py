@@ -102,7 +102,12 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and run one job; False when the queue is empty."""
-        job = self.store.jobs.claim(self.worker_id, now=time.time(), lease_seconds=self.lease_seconds)
+        job = self.store.jobs.claim(
+            self.worker_id,
+            now=time.time(),
+            lease_seconds=self.lease_seconds,
+            tenant_running=self.settings.quotas.running_jobs,
+        )
         if job is None:
             return False
         self.run(job)

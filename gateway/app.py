@@ -31,7 +31,8 @@ from gateway.api.ops.health import healthz, readyz
 from gateway.api.ops.metrics import metrics_route
 from gateway.api.responses.routes import ResponsesController
 from gateway.api.services import Services
-from gateway.audit.log import open_audit_log
+from gateway.audit.flood import UnauthenticatedFlood
+from gateway.audit.log import AuditLog, open_audit_log
 from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import Gate
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
@@ -62,6 +63,7 @@ def create_app(
     rebuild itself): `gateway serve` then exits non-zero so systemd or the container runtime restarts it."""
     ensure_private_dir(settings.data_path)
     audit_log = open_audit_log(settings)
+    flood = UnauthenticatedFlood(settings.limits.unauthenticated_per_minute)
     gate = Gate(
         TokenVerifier.from_settings(settings) if settings.auth.enabled else None,
         rate=RateLimiter(settings.limits.requests_per_minute),
@@ -84,11 +86,14 @@ def create_app(
             background.add(task)
             task.add_done_callback(background.discard)
         watch = asyncio.create_task(_watch_engines(registry, on_engine_failed))
+        probe = asyncio.create_task(_audit_housekeeping(audit_log, flood, settings.audit.probe_seconds))
         await services.start()
         try:
             yield
         finally:
             watch.cancel()
+            probe.cancel()
+            await asyncio.to_thread(_append_all, audit_log, flood.due(flush_all=True))
             await services.close()
             for engine in registry.engines():
                 await asyncio.to_thread(engine.shutdown)
@@ -107,7 +112,9 @@ def create_app(
     )
     app = Litestar.from_config(config)
     bounded = BodyDeadline(app, settings.server.body_timeout_seconds)  # inside the audit: a 408 is recorded
-    return AuditMiddleware(bounded, audit_log, append=services.metrics.observing(audit_log.append))
+    return AuditMiddleware(
+        bounded, audit_log, append=services.metrics.observing(audit_log.append), flood=flood
+    )
 
 
 def litestar_of(app: Any) -> Litestar:
@@ -149,6 +156,26 @@ async def _watch_engines(registry: ModelRegistry, on_failed: Callable[[], None] 
             log.critical("gateway.engine_failed", models=failed)
             if on_failed is not None:
                 on_failed()
+            return
+
+
+async def _audit_housekeeping(audit_log: AuditLog, flood: UnauthenticatedFlood, every: float) -> None:
+    """Fail closed, then recover: while the log is unavailable, try its `audit.recovered` append; and write
+    the summary records of unauthenticated floods whose window is over."""
+    while True:
+        await asyncio.sleep(every)
+        if not audit_log.available:
+            await asyncio.to_thread(audit_log.probe)
+        elif summaries := flood.due():
+            await asyncio.to_thread(_append_all, audit_log, summaries)
+
+
+def _append_all(audit_log: AuditLog, records: list[dict[str, Any]]) -> None:
+    for record in records:
+        try:
+            audit_log.append(record)
+        except (OSError, RuntimeError) as exc:  # the log is down: the probe takes over
+            log.error("audit.summary_not_written", action=record.get("action"), error_type=type(exc).__name__)
             return
 
 

@@ -27,6 +27,7 @@ from gateway.api.models.service import ModelsService
 from gateway.api.responses.service import ResponsesService
 from gateway.audit.log import AuditLog
 from gateway.auth.guards import provide_principal
+from gateway.auth.quotas import Quotas
 from gateway.core.request_state import RequestState, request_state
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
@@ -51,6 +52,7 @@ class Services:
     metrics: GatewayMetrics
     audit_log: AuditLog
     worker: WorkerSupervisor | None
+    quotas: Quotas
 
     @classmethod
     def build(
@@ -69,7 +71,8 @@ class Services:
         registry.adapter_opener = fine_tuned.open_adapter
         registry.on_miss = fine_tuned.resolve
         metrics = GatewayMetrics(engines=registry.engines, store=lambda: store, worker=worker)
-        chat = ChatService(registry, settings.limits, metrics)
+        quotas = Quotas(settings.quotas)
+        chat = ChatService(registry, settings.limits, metrics, tokens=quotas.tokens)
         return cls(
             settings=settings,
             registry=registry,
@@ -81,13 +84,22 @@ class Services:
                 blobs,
                 max_upload_bytes=settings.limits.max_upload_bytes,
                 max_train_rows=settings.finetune.max_train_rows,
+                quotas=quotas,
             ),
-            jobs=JobService(store, blobs, registry),
+            jobs=JobService(
+                store,
+                blobs,
+                registry,
+                quotas=quotas,
+                max_lora_rank=settings.finetune.max_lora_rank,
+                max_checkpoints=settings.finetune.max_checkpoints_per_job,
+            ),
             fine_tuned=fine_tuned,
             store=store,
             metrics=metrics,
             audit_log=audit_log,
             worker=worker,
+            quotas=quotas,
         )
 
     def dependencies(self) -> dict[str, Provide | Callable[..., Any]]:

@@ -26,6 +26,10 @@ Design
 - A new log starts with its signed genesis head (seq 0; recovery.py) and a first record saying why the chain
   began (`audit.chain_start`, logged loudly as `audit.chain_started`), so a chain that starts over after its
   files were deleted shows at seq 1 and in the logs.  A missing head beside a non-empty log is damage.
+- Fail closed: a failed append (disk full, EIO) marks the log unavailable (`available` is False, `/readyz`
+  says "audit": false) and AuditMiddleware refuses requests with 503 until an append succeeds again: the
+  app's probe (`probe`, every audit.probe_seconds) appends one `audit.recovered` record saying since when
+  the log was unwritable and how many requests were refused meanwhile (`note_refused`).
 - Opening a log whose end does not verify raises AuditChainBroken: the gateway fails closed rather than
   extend a chain it cannot vouch for.  `gateway audit restart-chain` (restart.py) archives the damaged files
   as evidence and starts a new chain whose first record names the old head and the damage found.
@@ -47,7 +51,7 @@ import structlog
 from contracts.private_files import ensure_private_dir
 from gateway.audit.chain import Head, canonical_json, head_path_for, record_mac, write_head
 from gateway.audit.pages import MAX_PAGE, AuditPage, read_audit_page
-from gateway.audit.records import OUTCOMES, RECORD_FIELDS, sanitize_record
+from gateway.audit.records import OUTCOMES, RECORD_FIELDS, now_rfc3339, sanitize_record
 from gateway.audit.recovery import AuditChainBroken, recover
 from gateway.core.settings import Settings
 
@@ -117,6 +121,8 @@ class AuditLog:
         self._durable = (self._seq, self._last_mac)
         self._closed = False
         self._broken = False
+        self._failing_since: str | None = None  # set by a failed append, cleared by a successful one
+        self._refused = 0  # requests refused while failing
         if self._seq == 0:
             self._start_chain(chain_start)
         elif chain_start is not None:
@@ -141,6 +147,35 @@ class AuditLog:
     def last_seq(self) -> int:
         return self._seq
 
+    @property
+    def available(self) -> bool:
+        """False from a failed append until one succeeds again (or for good once the log broke)."""
+        return self._failing_since is None and not self._broken and not self._closed
+
+    def mark_failed(self) -> None:
+        """An append failed (here or in a caller's wrapper): refuse requests until one succeeds again."""
+        with self._cond:
+            if self._failing_since is None:
+                self._failing_since, self._refused = now_rfc3339(), 0
+                log.critical("audit.unavailable", path=str(self.path))
+
+    def note_refused(self) -> None:
+        with self._cond:
+            self._refused += 1
+
+    def probe(self) -> bool:
+        """While unavailable: try to append the `audit.recovered` record; True once the log is writable."""
+        with self._cond:
+            since, refused = self._failing_since, self._refused
+        if since is None:
+            return self.available
+        try:
+            self.append({"action": "audit.recovered", "since": since, "count": refused})
+        except (OSError, RuntimeError):
+            return False
+        log.warning("audit.recovered", since=since, refused=refused)
+        return True
+
     def append(self, record: Mapping[str, Any]) -> dict[str, Any]:
         """Sanitise, chain and durably write one record; returns it as written (with seq, prev, mac).
 
@@ -163,7 +198,11 @@ class AuditLog:
                 else:
                     self._flush_locked()
         if mine.error is not None:
+            self.mark_failed()
             raise OSError(f"audit record not written: {mine.error}") from mine.error
+        if self._failing_since is not None:
+            with self._cond:
+                self._failing_since = None
         return full
 
     def _flush_locked(self) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 import structlog
 
-__all__ = ["MAX_TEXT_CHARS", "OUTCOMES", "RECORD_FIELDS", "sanitize_record"]
+__all__ = ["MAX_TEXT_CHARS", "OUTCOMES", "RECORD_FIELDS", "now_rfc3339", "sanitize_record"]
 
 log = structlog.get_logger(__name__)
 
@@ -41,12 +41,14 @@ RECORD_FIELDS: dict[str, type | tuple[type, ...]] = {
     "previous_last_mac": str,
     "damage": str,
     "archive": str,
+    "count": int,  # summary records: how many requests they stand for
+    "since": str,  # summary records: when the period they cover began
 }
 OUTCOMES = frozenset({"allowed", "denied", "error"})
 MAX_TEXT_CHARS = 256
 
 
-def _now_rfc3339() -> str:
+def now_rfc3339() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -69,5 +71,5 @@ def sanitize_record(record: Mapping[str, Any]) -> dict[str, Any]:
         clean[name] = value
     if dropped:
         log.warning("audit.fields_dropped", fields=sorted(dropped))
-    clean.setdefault("time", _now_rfc3339())
+    clean.setdefault("time", now_rfc3339())
     return clean

@@ -5,13 +5,15 @@
     │   └── ContextLengthExceeded     400 invalid_request_error   code=context_length_exceeded
     ├── AuthenticationFailed          401 invalid_request_error   code=invalid_api_key
     ├── PermissionDenied              403 invalid_request_error   code=insufficient_scope
+    │   └── QuotaExceeded             403 invalid_request_error   code=quota_exceeded (storage, file count)
     ├── NotFound                      404 invalid_request_error   code=<kind>_not_found
     ├── RequestTimeout                408 invalid_request_error   code=request_timeout
     ├── Conflict                      409 invalid_request_error
     ├── PayloadTooLarge               413 invalid_request_error   code=payload_too_large
     ├── RateLimited                   429 rate_limit_exceeded     (Retry-After header)
     ├── EngineUnavailable             503 server_error            code=engine_unavailable
-    └── EngineFailure                 500 server_error            code=engine_error
+    ├── EngineFailure                 500 server_error            code=engine_error
+    └── AuditUnavailable              503 server_error            code=audit_unavailable (fail closed)
 
 Services raise these; routes never build error responses by hand.  Messages are written for the client and
 never carry prompt or file content.
@@ -20,6 +22,7 @@ never carry prompt or file content.
 from __future__ import annotations
 
 __all__ = [
+    "AuditUnavailable",
     "AuthenticationFailed",
     "Conflict",
     "ContextLengthExceeded",
@@ -30,6 +33,7 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "PermissionDenied",
+    "QuotaExceeded",
     "RateLimited",
     "RequestTimeout",
     "error_envelope",
@@ -91,6 +95,12 @@ class PermissionDenied(GatewayError):
     default_code = "insufficient_scope"
 
 
+class QuotaExceeded(PermissionDenied):
+    """A tenant's stored bytes or file count is at its configured quota (quotas.*)."""
+
+    default_code = "quota_exceeded"
+
+
 class NotFound(GatewayError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -134,3 +144,10 @@ class EngineUnavailable(GatewayError):
 class EngineFailure(GatewayError):
     status_code = 500
     default_code = "engine_error"
+
+
+class AuditUnavailable(GatewayError):
+    """The audit record cannot be written (disk full, I/O error): the request is refused, not served."""
+
+    status_code = 503
+    default_code = "audit_unavailable"

@@ -30,6 +30,7 @@ __all__ = [
     "LimitSettings",
     "ModelSettings",
     "PrivacySettings",
+    "QuotaSettings",
     "ServerSettings",
     "Settings",
     "load_settings",
@@ -138,6 +139,38 @@ class LimitSettings:
     requests_per_minute: int = _f(600, "Per-subject request rate; past it -> 429 with Retry-After.")
     tenant_concurrency: int = _f(32, "Requests one tenant may have in flight at once; past it -> 429.")
     max_upload_bytes: int = _f(64 * 1024 * 1024, "Largest uploaded file; larger -> 413, nothing kept.")
+    unauthenticated_per_minute: int = _f(
+        60,
+        "Requests without a valid token one client address may make per minute (a token bucket); past it "
+        "429 with Retry-After and no audit record of its own: one `auth.unauthenticated_flood` record per "
+        "address and window counts them. 0 = no limit.",
+    )
+
+
+@dataclass(frozen=True)
+class QuotaSettings:
+    stored_bytes: int = _f(
+        10 * 1024**3,
+        "Bytes of uploaded files one tenant may keep; an upload past it -> 403 quota_exceeded, nothing kept. "
+        "0 = no limit.",
+    )
+    files: int = _f(1000, "Uploaded files one tenant may keep; one more -> 403 quota_exceeded. 0 = no limit.")
+    running_jobs: int = _f(
+        1,
+        "Fine-tuning jobs of one tenant the workers run at once; the tenant's next job waits queued while "
+        "other tenants' jobs may start. 0 = no limit.",
+    )
+    queued_jobs: int = _f(
+        8,
+        "Fine-tuning jobs one tenant may have waiting (validating_files or queued); one more -> 429 "
+        "quota_exceeded with Retry-After. 0 = no limit.",
+    )
+    tokens_per_minute: int = _f(
+        1_000_000,
+        "Prompt + completion tokens one tenant may use per minute (a token bucket refilled continuously; a "
+        "request is charged its real usage when it ends); while the bucket is empty -> 429 with Retry-After. "
+        "0 = no limit.",
+    )
 
 
 @dataclass(frozen=True)
@@ -179,6 +212,12 @@ class AuditSettings:
     key_file: str = _f(
         "", "HMAC key for the audit chain, kept apart from the log. Empty: <data_dir>/keys/audit.key."
     )
+    probe_seconds: float = _f(
+        2.0,
+        "Fail closed: after a failed audit append (disk full, I/O error) every request gets 503 "
+        'audit_unavailable and /readyz says "audit": false; this often the gateway tries to append an '
+        "`audit.recovered` record, and serves again once it is written.",
+    )
 
 
 @dataclass(frozen=True)
@@ -208,6 +247,17 @@ class FinetuneSettings:
     poll_seconds: float = _f(1.0, "How often an idle worker looks for queued jobs.")
     device: str = _f("auto", "Training device: auto, cpu, cuda.")
     max_train_rows: int = _f(100_000, "Largest training file in rows.")
+    keep_checkpoints: int = _f(
+        2,
+        "Trainer checkpoints (adapter + optimizer state) a running job keeps in its work dir: the newest; "
+        "older ones are deleted once published. 0 = keep all.",
+    )
+    max_lora_rank: int = _f(64, "Largest lora_rank a job may ask for; more -> 400 (a rank's cost is linear).")
+    max_checkpoints_per_job: int = _f(
+        100,
+        "Floor on save_steps: a job may save at most this many checkpoints, so save_steps must be at least "
+        "its total steps / this (0 = only the last is always allowed); less -> 400.",
+    )
 
 
 @dataclass(frozen=True)
@@ -217,6 +267,7 @@ class Settings:
     models: ModelSettings = field(default_factory=ModelSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
+    quotas: QuotaSettings = field(default_factory=QuotaSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     audit: AuditSettings = field(default_factory=AuditSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)

@@ -99,5 +99,12 @@ class FilesRepo:
         with self.db.transaction() as conn:
             return conn.execute("DELETE FROM files WHERE id = ?", (file_id,)).rowcount > 0
 
+    def usage(self, tenant: str) -> tuple[int, int]:
+        """(files, bytes) a tenant stores, for its quotas."""
+        row = self.db.one(
+            "SELECT COUNT(*) AS n, COALESCE(SUM(bytes), 0) AS b FROM files WHERE tenant = ?", (tenant,)
+        )
+        return (int(row["n"]), int(row["b"])) if row is not None else (0, 0)
+
     def all_paths(self) -> set[str]:
         return {row["path"] for row in self.db.query("SELECT path FROM files")}

@@ -144,18 +144,32 @@ class JobsRepo:
         with self.db.transaction() as conn:
             return conn.execute(sql, params).rowcount > 0
 
+    def waiting(self, tenant: str) -> int:
+        """A tenant's jobs not yet started (validating_files or queued), for its quota."""
+        row = self.db.one(
+            "SELECT COUNT(*) AS n FROM jobs WHERE tenant = ? AND status IN ('validating_files', 'queued')",
+            (tenant,),
+        )
+        return int(row["n"]) if row is not None else 0
+
     # -- the worker's side ---------------------------------------------------------------------------------
 
-    def claim(self, worker_id: str, *, now: float, lease_seconds: float) -> JobRecord | None:
+    def claim(
+        self, worker_id: str, *, now: float, lease_seconds: float, tenant_running: int = 0
+    ) -> JobRecord | None:
         """Atomically take the oldest queued job, or a running one whose worker stopped renewing its lease
         (or is this worker's own predecessor: same id, so certainly dead).  Two workers never get the same
-        job: the SELECT and UPDATE run under SQLite's single write lock (BEGIN IMMEDIATE)."""
+        job: the SELECT and UPDATE run under SQLite's single write lock (BEGIN IMMEDIATE).
+        `tenant_running` > 0 (quotas.running_jobs): a queued job waits while its tenant already has that
+        many running jobs held by a live lease."""
         with self.db.transaction() as conn:
             row = conn.execute(
-                "SELECT id FROM jobs WHERE status = 'queued'"
+                "SELECT id FROM jobs AS j WHERE (status = 'queued' AND (? <= 0 OR"
+                "  (SELECT COUNT(*) FROM jobs AS r WHERE r.tenant = j.tenant AND r.status = 'running'"
+                "   AND r.lease_until >= ? AND r.worker_id != ?) < ?))"
                 " OR (status = 'running' AND (lease_until IS NULL OR lease_until < ? OR worker_id = ?))"
                 " ORDER BY seq LIMIT 1",
-                (now, worker_id),
+                (tenant_running, now, worker_id, tenant_running, now, worker_id),
             ).fetchone()
             if row is None:
                 return None

@@ -223,13 +223,15 @@ def test_cancelled_request_still_leaves_its_record(audit: AuditLog) -> None:
     assert record["status"] == 499
 
 
-def test_a_failing_audit_write_does_not_break_the_response(audit: AuditLog) -> None:
+def test_a_failing_audit_write_turns_the_response_into_a_503(audit: AuditLog) -> None:
+    """Fail closed (the rest is in test_audit_fail_closed.py): no answer goes out without its record."""
+
     def broken_append(record: dict[str, Any]) -> None:
         raise OSError("disk full")
 
     async def ok_app(scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 204, "headers": []})
-        await send({"type": "http.response.body", "body": b""})
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"SECRET-ANSWER"})
 
     sent: list[Message] = []
 
@@ -238,7 +240,9 @@ def test_a_failing_audit_write_does_not_break_the_response(audit: AuditLog) -> N
 
     middleware = AuditMiddleware(ok_app, audit, append=broken_append)
     asyncio.run(middleware(_scope(), _receive_disconnect, collect))
-    assert sent[0]["status"] == 204
+    assert sent[0]["status"] == 503
+    assert b"audit_unavailable" in sent[1]["body"] and b"SECRET-ANSWER" not in sent[1]["body"]
+    assert not audit.available
 
 
 def test_the_record_is_on_disk_before_the_response_ends(audit: AuditLog, tmp_path: Path) -> None:

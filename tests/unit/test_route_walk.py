@@ -102,7 +102,8 @@ def _walk(tmp_path: Path, access: str, peer: str, metrics_open: bool) -> Iterato
     settings = Settings(
         data_dir=str(tmp_path / "data"),
         auth=AuthSettings(metrics_access=access),
-        limits=LimitSettings(requests_per_minute=0),  # the walk sends hundreds of requests
+        # the walk sends hundreds of requests, most of them refused without a token
+        limits=LimitSettings(requests_per_minute=0, unauthenticated_per_minute=0),
     )
     ensure_dev_keys(settings)
     app = create_app(settings, engines={"smollm2-135m-instruct": FakeEngine()})

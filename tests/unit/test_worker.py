@@ -115,7 +115,9 @@ class ScriptedTrainer:
                 path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}")
                 on_event("checkpoint", f"Checkpoint saved at step {step}", {"step": step, "path": str(path)})
         final = _write_adapter(config.output_dir / "adapter")
-        return SimpleNamespace(adapter_dir=final, trained_tokens=10 * self.steps, metrics_csv=csv)
+        return SimpleNamespace(
+            adapter_dir=final, trained_tokens=10 * self.steps, metrics_csv=csv, steps=self.steps
+        )
 
 
 def _write_adapter(path: Path) -> Path:
@@ -215,6 +217,9 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert done.estimated_finish is None and done.error is None
     config = trainer.configs[0]
     assert config.kwargs["learning_rate"] == 2e-4  # the default rate times the default multiplier, 1
+    assert (
+        config.kwargs["keep_checkpoints"] == 2
+    )  # finetune.keep_checkpoints: the disk a job holds is bounded
     assert config.kwargs["target_modules"] == (
         "q_proj",
         "k_proj",
@@ -240,6 +245,10 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     for model in models.values():
         files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
         assert files == ADAPTER
+    # exported once: the final adapter's files are the last checkpoint's (hard links, no second copy)
+    final_dir, last_dir = setup.data / models[name].path, setup.data / models[f"{name}:ckpt-step-5"].path
+    for filename in ADAPTER:
+        assert (final_dir / filename).stat().st_ino == (last_dir / filename).stat().st_ino
     checkpoints = setup.store.checkpoints.list_page(job.id).items
     assert [c.step for c in checkpoints] == [5, 4, 2]
     assert checkpoints[1].metrics == {"step": 4, "train_loss": 0.5}  # the step's loss, logged just before

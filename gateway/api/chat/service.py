@@ -14,6 +14,7 @@ import structlog
 from gateway.api.chat import protocol as p
 from gateway.api.chat.streams import MergedStream
 from gateway.api.models.registry import ModelEntry, ModelRegistry
+from gateway.auth.quotas import TokenBudget
 from gateway.core.errors import GatewayError, InvalidRequest
 from gateway.core.principal import Principal
 from gateway.core.request_state import RequestState
@@ -101,11 +102,17 @@ def _event(body: msgspec.Struct) -> bytes:
 
 class ChatService:
     def __init__(
-        self, registry: ModelRegistry, limits: LimitSettings, metrics: GatewayMetrics | None = None
+        self,
+        registry: ModelRegistry,
+        limits: LimitSettings,
+        metrics: GatewayMetrics | None = None,
+        *,
+        tokens: TokenBudget | None = None,
     ) -> None:
         self._registry = registry
         self._limits = limits
         self._metrics = metrics
+        self._tokens = tokens  # the tenants' tokens-per-minute quota
 
     # -- chat --------------------------------------------------------------------------------------------
 
@@ -260,6 +267,9 @@ class ChatService:
         """Resolve the model for this principal, check the sampling request and submit it to the engine:
         the chat `messages`, or each of the legacy `prompts` as its own engine request."""
         started = time.perf_counter()
+        if self._tokens is not None:
+            self._tokens.check(principal.tenant)  # 429 while the tenant's minute of tokens is used up
+            on_usage = _charging(on_usage, self._tokens, principal.tenant)
         engine, entry = await self._registry.engine_for(req.model, principal)
         observed_usage, on_first_token = self._observed(entry, on_usage, started)
         sampling = self._sampling(req, max_tokens, logprobs=logprobs, top_logprobs=top_logprobs)
@@ -332,6 +342,14 @@ class ChatService:
             top_logprobs=top_logprobs,
             ignore_eos=req.ignore_eos,
         )
+
+
+def _charging(on_usage: UsageSink, tokens: TokenBudget, tenant: str) -> UsageSink:
+    def usage(prompt_tokens: int, completion_tokens: int) -> None:
+        on_usage(prompt_tokens, completion_tokens)
+        tokens.charge(tenant, prompt_tokens + completion_tokens)
+
+    return usage
 
 
 def _message(index: int, message: p.ChatMessageIn) -> ChatMessage:

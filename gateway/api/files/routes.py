@@ -6,6 +6,7 @@ socket into a private staging file under the size limit instead of into memory o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -103,6 +104,9 @@ class FilesController(Controller):
         length = request.content_length
         if length is not None and length > files.max_upload_bytes + _FORM_OVERHEAD:
             raise _too_large(files.max_upload_bytes)
+        await asyncio.to_thread(
+            files.check_quota, principal
+        )  # a tenant at its quota: refused before the body
         upload = files.receive()
         try:
             fields, filename = await _read_form(request.stream(), boundary, upload)

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ import structlog
 from contracts.blobs import BlobStorage
 from contracts.private_files import ensure_private_dir
 from gateway.api.files.protocol import UPLOAD_PURPOSES, DeletedFile, FileList, FileObject
+from gateway.auth.quotas import Quotas
 from gateway.core.errors import Conflict, InvalidRequest, NotFound, PayloadTooLarge
 from gateway.core.principal import Principal
 from gateway.store import ACTIVE, FileRecord, Store, new_id
@@ -74,24 +76,44 @@ class FileService:
     """The Files API for one tenant at a time; every lookup is scoped to the caller's tenant."""
 
     def __init__(
-        self, store: Store, blobs: BlobStorage, *, max_upload_bytes: int, max_train_rows: int
+        self,
+        store: Store,
+        blobs: BlobStorage,
+        *,
+        max_upload_bytes: int,
+        max_train_rows: int,
+        quotas: Quotas | None = None,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
         self.max_train_rows = max_train_rows
+        self.quotas = quotas
+        self._quota_lock = threading.Lock()  # usage check + insert as one step (this process owns uploads)
+
+    def check_quota(self, principal: Principal, incoming_bytes: int = 0) -> None:
+        """403 quota_exceeded when one more file of `incoming_bytes` passes the tenant's quotas."""
+        if self.quotas is None:
+            return
+        used_files, used_bytes = self.store.files.usage(principal.tenant)
+        self.quotas.check_storage(
+            principal.tenant, used_files=used_files, used_bytes=used_bytes, incoming_bytes=incoming_bytes
+        )
 
     def receive(self) -> Upload:
         return Upload(self.blobs.tmp_dir, self.max_upload_bytes)
 
-    def _commit(self, plain: Path, record: FileRecord) -> None:
-        """The body into blob storage, then its row: a file is recorded only once its body is in place."""
-        self.blobs.put(plain, record.path)
-        try:
-            self.store.files.add(record)
-        except BaseException:
-            self.blobs.remove(record.path)
-            raise
+    def _commit(self, plain: Path, record: FileRecord, principal: Principal) -> None:
+        """The body into blob storage, then its row: a file is recorded only once its body is in place.
+        The quota is checked again here, under the lock, so two concurrent uploads cannot both squeeze in."""
+        with self._quota_lock:
+            self.check_quota(principal, record.bytes)
+            self.blobs.put(plain, record.path)
+            try:
+                self.store.files.add(record)
+            except BaseException:
+                self.blobs.remove(record.path)
+                raise
 
     async def create(
         self, principal: Principal, *, purpose: str | None, filename: str | None, upload: Upload
@@ -112,6 +134,7 @@ class FileService:
         upload.finish()
         if upload.size == 0:
             raise InvalidRequest("The uploaded file is empty.", param="file")
+        await asyncio.to_thread(self.check_quota, principal, upload.size)  # before the costly validation
         stats = await asyncio.to_thread(self._validate, upload.path)
         file_id = new_id("file-")
         record = FileRecord(
@@ -125,7 +148,7 @@ class FileService:
             rows=stats[0],
             format=stats[1],
         )
-        await asyncio.to_thread(self._commit, upload.path, record)
+        await asyncio.to_thread(self._commit, upload.path, record, principal)
         log.info("file.stored", file_id=file_id, bytes=upload.size, rows=stats[0], format=stats[1])
         return file_object(record)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import secrets
+import threading
 import time
 from typing import Any
 
@@ -22,6 +23,7 @@ from contracts.blobs import BlobStorage
 from contracts.names import invalid_suffix
 from gateway.api.fine_tuning import protocol as p
 from gateway.api.models.registry import ModelRegistry
+from gateway.auth.quotas import Quotas
 from gateway.core.errors import InvalidRequest, NotFound
 from gateway.core.principal import Principal
 from gateway.store import ACTIVE, FileRecord, JobRecord, Store, new_id
@@ -45,11 +47,20 @@ _METHOD_KEYS = ("type", "supervised", "dpo", "reinforcement")
 _METHODS = ("supervised", "dpo", "reinforcement")
 
 
-def resolve(request: p.CreateJobRequest, rows: int) -> tuple[dict[str, Any], str]:
+def resolve(
+    request: p.CreateJobRequest,
+    rows: int,
+    *,
+    max_lora_rank: int | None = None,
+    max_checkpoints: int | None = None,
+) -> tuple[dict[str, Any], str]:
     """Every training setting, with "auto" and omitted values resolved; and the JSON path they came from."""
     given, where = _given_hyperparameters(request)
     try:
-        return hyperparameters.resolve(given, rows=rows), where
+        resolved = hyperparameters.resolve(
+            given, rows=rows, max_lora_rank=max_lora_rank, max_checkpoints=max_checkpoints
+        )
+        return resolved, where
     except hyperparameters.InvalidHyperparameters as exc:
         label = "Invalid hyperparameter" if len(exc.problems) == 1 else "Invalid hyperparameters"
         raise InvalidRequest(f"{label}: {exc}.", param=f"{where}.{exc.problems[0][0]}") from None
@@ -101,10 +112,23 @@ def _object(value: Any, param: str) -> dict[str, Any] | None:
 
 
 class JobService:
-    def __init__(self, store: Store, blobs: BlobStorage, registry: ModelRegistry) -> None:
+    def __init__(
+        self,
+        store: Store,
+        blobs: BlobStorage,
+        registry: ModelRegistry,
+        *,
+        quotas: Quotas | None = None,
+        max_lora_rank: int | None = None,
+        max_checkpoints: int | None = None,
+    ) -> None:
+        self.max_lora_rank = max_lora_rank
+        self.max_checkpoints = max_checkpoints
         self.store = store
         self.blobs = blobs
         self.registry = registry
+        self.quotas = quotas
+        self._quota_lock = threading.Lock()  # count + insert as one step
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- create ---------------------------------------------------------------------------------------------
@@ -123,7 +147,12 @@ class JobService:
             raise InvalidRequest(
                 "Invalid suffix: use only letters, digits, '.', '_' and '-'.", param="suffix"
             )
-        hyperparameters, _ = resolve(request, training.rows or 0)
+        hyperparameters, _ = resolve(
+            request,
+            training.rows or 0,
+            max_lora_rank=self.max_lora_rank,
+            max_checkpoints=self.max_checkpoints,
+        )
         job = JobRecord(
             id=new_id("ftjob-"),
             tenant=principal.tenant,
@@ -138,9 +167,12 @@ class JobService:
             status="validating_files",
             created_at=int(time.time()),
         )
-        with self.store.db.transaction():
-            self.store.jobs.add(job)
-            self.store.events.add(job.id, f"Created fine-tuning job: {job.id}")
+        with self._quota_lock:
+            if self.quotas is not None:
+                self.quotas.check_waiting_jobs(principal.tenant, self.store.jobs.waiting(principal.tenant))
+            with self.store.db.transaction():
+                self.store.jobs.add(job)
+                self.store.events.add(job.id, f"Created fine-tuning job: {job.id}")
         log.info("fine_tuning.job_created", job_id=job.id, model=base, rows=training.rows)
         return job
 

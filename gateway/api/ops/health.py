@@ -1,5 +1,6 @@
-"""GET /healthz (the process answers) and GET /readyz (model loaded, data dir writable; the fine-tuning
-worker's state where this gateway runs one).  No token."""
+"""GET /healthz (the process answers) and GET /readyz (model loaded, data dir writable, audit log writable;
+the fine-tuning worker's state where this gateway runs one).  No token.  Both are answered while the audit
+log is unavailable (AuditMiddleware.ALWAYS_SERVED), so /readyz can say "audit": false."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from litestar.di import NamedDependency
 from litestar.response import Response
 
 from gateway.api.models.registry import ModelRegistry
+from gateway.audit.log import AuditLog
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
 
@@ -28,6 +30,7 @@ async def readyz(
     registry: NamedDependency[ModelRegistry],
     settings: NamedDependency[Settings],
     worker: NamedDependency[WorkerSupervisor | None],
+    audit_log: NamedDependency[AuditLog],
 ) -> Response[dict[str, Any]]:
     engines = registry.engines()
     engine_ready = bool(engines) and all(e.is_ready() for e in engines)
@@ -38,11 +41,13 @@ async def readyz(
         writable = os.access(data_dir, os.W_OK)
     except OSError:
         writable = False
-    ready = engine_ready and writable
+    audit = audit_log.available  # false from a failed append until the probe's append succeeds
+    ready = engine_ready and writable and audit
     body: dict[str, Any] = {
         "status": "ready" if ready else "not_ready",
         "engine": engine_ready,
         "data_dir_writable": writable,
+        "audit": audit,
     }
     if worker is not None:  # reported, not required: chat is served while training is down
         body["worker"] = worker.up
