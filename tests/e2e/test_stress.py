@@ -13,6 +13,7 @@ import pytest
 from tests.e2e.harness import Gateway, running
 from tests.stress import SIZES
 from tests.stress.fuzz import fuzz
+from tests.stress.overload import overload, release_after_walking_away
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
@@ -50,3 +51,32 @@ def test_fuzz_from_the_spec(gateway: Gateway) -> None:
     assert report.requests >= SIZES.fuzz_requests
     assert report.failure_count == 0, "\n".join(report.failures)
     assert report.server_errors == 0
+
+
+def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:
+    clients = 2 * (MAX_RUNNING + MAX_QUEUED)
+    report = overload(gateway, gateway.token(TENANT_SCOPES), clients, SIZES.overload_seconds)
+    print(
+        f"\noverload: {clients} clients for {SIZES.overload_seconds:.0f} s: {report.streams} streams, "
+        f"statuses {dict(report.statuses)}, {report.completed} read to the end, "
+        f"{report.walked_away} walked away; "
+        f"engine idle {report.idle_after_seconds:.2f} s after the last client"
+    )
+    assert report.failures == []
+    assert set(report.statuses) <= {200, 429}, report.statuses
+    assert report.statuses[200] >= clients and report.statuses[429] > 0  # it was really past capacity
+    assert report.walked_away > 0
+    assert gateway.metric("gateway_engine_failed_steps_total") == 0
+    ready = gateway.client().get("/readyz")
+    assert ready.status_code == 200 and ready.json()["engine"] is True
+
+
+def test_a_client_walking_away_frees_its_slot_within_a_step_or_two(gateway: Gateway) -> None:
+    freed, step = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
+    print(
+        f"\nwalk-away: slot free {freed * 1000:.0f} ms after the client left "
+        f"(one decode step: {step * 1000:.0f} ms)"
+    )
+    # The scrape itself takes a few ms and the client's close needs a write to be noticed: allow two steps
+    # plus a scrape's worth, on a loaded 2-core machine.
+    assert freed <= 2 * step + 0.25, (freed, step)
