@@ -5,19 +5,23 @@ Each test prints its figures (`pytest -s` shows them); `STRESS=full` runs the fu
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.harness import Gateway, running
+from tests.e2e.jobs import create_job, sdk_client, upload_training_file
 from tests.stress import SIZES
+from tests.stress.crashes import SAVE_STEPS, kill_gateway_mid_request, kill_worker_mid_training
 from tests.stress.fuzz import fuzz
 from tests.stress.overload import overload, release_after_walking_away
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
 TENANT_SCOPES = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
+SEED = 20261203
 MAX_RUNNING, MAX_QUEUED = 2, 2  # a small engine, so twice its capacity is a handful of streams
 
 
@@ -80,3 +84,46 @@ def test_a_client_walking_away_frees_its_slot_within_a_step_or_two(gateway: Gate
     # The scrape itself takes a few ms and the client's close needs a write to be noticed: allow two steps
     # plus a scrape's worth, on a loaded 2-core machine.
     assert freed <= 2 * step + 0.25, (freed, step)
+
+
+@pytest.fixture(scope="module")
+def worker_gateway(
+    tmp_path_factory: pytest.TempPathFactory, certs: Path, model_dir: Path
+) -> Iterator[Gateway]:
+    """With the fine-tuning worker `gateway serve` supervises."""
+    data = tmp_path_factory.mktemp("stress-crash") / "data"
+    env = {"GATEWAY_LIMITS__REQUESTS_PER_MINUTE": "1000000", "GATEWAY_MODELS__MAX_MODEL_LEN": "512"}
+    yield from running(Gateway(data_dir=data, certs=certs, model_dir=model_dir, extra_env=env))
+
+
+def test_the_worker_killed_at_random_moments_of_training(worker_gateway: Gateway) -> None:
+    report = kill_worker_mid_training(
+        worker_gateway, sdk_client(worker_gateway), SIZES.worker_kills, random.Random(SEED)
+    )
+    print(
+        f"\nworker kill -9: {report.kills} kills over {len(report.jobs)} jobs, steps lost per kill "
+        f"{report.lost_steps} (checkpoint every {SAVE_STEPS}), failures {report.failures}"
+    )
+    assert report.failures == []
+    assert report.kills == SIZES.worker_kills
+    assert all(lost <= SAVE_STEPS for lost in report.lost_steps), report.lost_steps
+
+
+def test_the_gateway_killed_mid_request(worker_gateway: Gateway) -> None:
+    client = sdk_client(worker_gateway)
+    create_job(client, upload_training_file(client), n_epochs=1, batch_size=8)  # a job to keep across kills
+    report = kill_gateway_mid_request(
+        worker_gateway,
+        lambda: sdk_client(worker_gateway),
+        worker_gateway.token(TENANT_SCOPES),
+        SIZES.gateway_kills,
+        random.Random(SEED),
+    )
+    print(
+        f"\ngateway kill -9: {report.kills} kills with {report.requests_in_flight} requests around them; "
+        f"{report.files_kept} answered uploads kept ({report.bytes_checked} bytes compared), "
+        f"{report.bytes_lost} bytes lost; failures {report.failures}"
+    )
+    assert report.failures == []
+    assert report.kills == SIZES.gateway_kills and report.files_kept > 0
+    assert report.bytes_lost == 0

@@ -80,13 +80,21 @@ def _schema_name(definition: dict[str, Any], status: int, media_type: str) -> st
     return ref.rsplit("/", 1)[-1] if ref else None
 
 
-def _check(report: FuzzReport, label: str, definition: dict[str, Any], response: requests.Response) -> None:
+def _header(response: Any, name: str) -> str | None:
+    """A header of schemathesis' Response (a dict of lists) or of a requests/httpx one."""
+    for key, value in response.headers.items():
+        if key.lower() == name:
+            return str(value[0] if isinstance(value, list) else value)
+    return None
+
+
+def _check(report: FuzzReport, label: str, definition: dict[str, Any], response: Any) -> None:
     status = response.status_code
-    media_type = response.headers.get("content-type", "").split(";")[0].strip()
+    media_type = (_header(response, "content-type") or "").split(";")[0].strip()
     if status >= 500:
         report.fail(label, f"{status} {response.text[:300]}")
         return
-    if status == 429 and "retry-after" not in response.headers:
+    if status == 429 and _header(response, "retry-after") is None:
         report.fail(label, "429 without Retry-After")
     try:
         if 200 <= status < 300 and media_type == "text/event-stream":
