@@ -55,7 +55,9 @@ def test_fuzz_from_the_spec(gateway: Gateway) -> None:
     report = fuzz(gateway, gateway.token(TENANT_SCOPES), SIZES.fuzz_requests)
     print(
         f"\nfuzz: {report.requests} requests in {report.seconds:.0f} s, statuses {dict(report.statuses)}, "
-        f"{report.server_errors} 5xx, {report.failure_count} failures; per route {dict(report.per_operation)}"
+        f"{report.server_errors} 5xx, {report.failure_count} failures;\n"
+        f"per route {dict(report.per_operation)},\n"
+        f"seconds {dict(report.seconds_per_operation)}"
     )
     assert report.requests >= SIZES.fuzz_requests
     assert report.failure_count == 0, "\n".join(report.failures)
