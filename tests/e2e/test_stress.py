@@ -70,7 +70,7 @@ def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:
     print(
         f"\noverload: {clients} clients for {SIZES.overload_seconds:.0f} s: {report.streams} streams, "
         f"statuses {dict(report.statuses)}, {report.completed} read to the end, "
-        f"{report.walked_away} walked away; "
+        f"{report.walked_away} walked away; refusals {dict(report.codes)}; "
         f"engine idle {report.idle_after_seconds:.2f} s after the last client"
     )
     assert report.failures == []

@@ -156,9 +156,8 @@ def _run_operation(
         try:
             # our token on every request: negative mode would otherwise spend a third of its requests on 401s
             # (tests/e2e/test_security.py covers bad tokens)
-            response = case.call(
-                base_url=gateway.base_url, session=http, headers=http.headers, verify=gateway.ca, timeout=120
-            )
+            case.headers = {**(case.headers or {}), "Authorization": http.headers["Authorization"]}
+            response = case.call(base_url=gateway.base_url, session=http, verify=gateway.ca, timeout=120)
         except requests.RequestException as exc:
             report.fail(label, f"transport error: {type(exc).__name__}: {exc}")
             report.requests += 1

@@ -30,13 +30,18 @@ class OverloadReport:
     streams: int = 0
     statuses: Counter[int] = field(default_factory=Counter)
     walked_away: int = 0
+    codes: Counter[str] = field(default_factory=Counter)  # the error codes of the refusals
     completed: int = 0
     failures: list[str] = field(default_factory=list)
     idle_after_seconds: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, status: int, *, walked: bool = False, failure: str | None = None) -> None:
+    def add(
+        self, status: int, *, walked: bool = False, failure: str | None = None, code: str | None = None
+    ) -> None:
         with self.lock:
+            if code:
+                self.codes[code] += 1
             self.streams += 1
             self.statuses[status] += 1
             self.walked_away += walked
@@ -62,7 +67,11 @@ def _one(http: httpx.Client, rng: random.Random, report: OverloadReport) -> None
                 failure = f"{response.status_code} {response.text[:300]}"
             elif "retry-after" not in response.headers:
                 failure = "429 without Retry-After"
-            report.add(response.status_code, failure=failure)
+            try:
+                code = str(response.json()["error"]["code"])
+            except (ValueError, KeyError, TypeError):
+                code, failure = None, failure or f"{response.status_code} not an error envelope"
+            report.add(response.status_code, failure=failure, code=code)
             if response.status_code == 429:
                 time.sleep(0.05)
             return
@@ -129,7 +138,7 @@ def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, flo
     }
     arrivals: list[float] = []
     with gateway.client(token) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200
+        assert response.status_code == 200, response.read().decode(errors="replace")
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
                 arrivals.append(time.monotonic())
