@@ -132,7 +132,7 @@ def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, flo
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
-        "max_tokens": 400,
+        "max_tokens": 64,  # the stress gateway caps max_tokens at 64
         "ignore_eos": True,
         "stream": True,
     }
