@@ -75,7 +75,10 @@ def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:
     )
     assert report.failures == []
     assert set(report.statuses) <= {200, 429}, report.statuses
-    assert report.statuses[200] >= clients and report.statuses[429] > 0  # it was really past capacity
+    # served at capacity throughout (on a loaded 2-core box a 2-slot engine finishes only a few streams in
+    # 15 s) and refused the rest: it really was past capacity
+    assert report.statuses[200] >= MAX_RUNNING and report.statuses[429] > report.statuses[200]
+    assert set(report.codes) == {"engine_overloaded"}, report.codes
     assert report.walked_away > 0
     assert gateway.metric("gateway_engine_failed_steps_total") == 0
     ready = gateway.client().get("/readyz")
