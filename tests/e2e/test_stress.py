@@ -111,7 +111,8 @@ def test_the_worker_killed_at_random_moments_of_training(worker_gateway: Gateway
         worker_gateway, sdk_client(worker_gateway), SIZES.worker_kills, random.Random(SEED)
     )
     print(
-        f"\nworker kill -9: {report.kills} kills over {len(report.jobs)} jobs, steps lost per kill "
+        f"\nworker kill -9: {report.kills} kills over {len(report.jobs)} jobs (+{report.idle_kills} as"
+        f" a job ended), steps lost per kill "
         f"{report.lost_steps} (checkpoint every {SAVE_STEPS}), failures {report.failures}"
     )
     assert report.failures == []

@@ -48,7 +48,8 @@ _COUNT_LOCK = threading.Lock()
 
 @dataclass
 class WorkerKills:
-    kills: int = 0
+    kills: int = 0  # kills that landed while a job was running
+    idle_kills: int = 0  # kills that found the job finished a moment before (not counted in `kills`)
     jobs: list[str] = field(default_factory=list)
     lost_steps: list[int] = field(default_factory=list)  # per kill: steps trained and not checkpointed
     failures: list[str] = field(default_factory=list)
@@ -74,7 +75,7 @@ def kill_worker_mid_training(
     report = WorkerKills()
     training_file = upload_training_file(client)
     while report.kills < kills:
-        job = create_job(client, training_file, n_epochs=2, batch_size=8, save_steps=SAVE_STEPS)
+        job = create_job(client, training_file, n_epochs=3, batch_size=4, save_steps=SAVE_STEPS)  # 24 steps
         report.jobs.append(job.id)
         per_job = min(MAX_ATTEMPTS - 1, kills - report.kills)
         planned: list[tuple[int, int]] = []  # (newest checkpoint, last step) when each kill landed
@@ -88,13 +89,17 @@ def kill_worker_mid_training(
                 f"attempt {attempt} of {job.id} to start training",
                 gateway.logs,
             )
-            time.sleep(rng.uniform(0.0, 2.0))  # a random moment of this attempt's training
-            if client.fine_tuning.jobs.retrieve(job.id).status != "running":
-                break  # finished first: the remaining kills go to the next job
+            time.sleep(rng.uniform(0.0, 1.5))  # a random moment of this attempt's training
+            checkpoint, step = _newest_checkpoint(client, job.id), _last_step(client, job.id)
             pid = gateway.worker_pid()
             assert pid is not None
-            checkpoint, step = _newest_checkpoint(client, job.id), _last_step(client, job.id)
             os.kill(pid, signal.SIGKILL)
+            if client.fine_tuning.jobs.retrieve(job.id).status != "running":  # it finished just before
+                report.idle_kills += 1
+                wait_for(
+                    lambda p=pid: (n := gateway.worker_pid()) is not None and n != p, 120, "a new worker"
+                )
+                break  # the remaining kills go to the next job
             report.kills += 1
             planned.append((checkpoint, step))
             wait_for(lambda p=pid: (n := gateway.worker_pid()) is not None and n != p, 120, "a new worker")
