@@ -165,6 +165,7 @@ def _full_disk_requests(http: httpx.Client, training_file: str) -> dict[str, htt
         "job": http.post("/v1/fine_tuning/jobs", json=job),
         "chat": http.post("/v1/chat/completions", json=chat),
         "list": http.get("/v1/files"),
+        "ready": http.get("/readyz"),
     }
 
 
@@ -238,3 +239,4 @@ def test_a_full_disk_answers_503_rather_than_unaudited(full_disk: FullDisk) -> N
     chat = full_disk.while_full["chat"]
     assert chat.status_code == 503, chat.text
     assert chat.json()["error"]["message"]
+    assert full_disk.while_full["ready"].status_code == 503  # unready while the log cannot be written
