@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve prepare certs test test-unit test-e2e bench lint format docs clean
+.PHONY: help install serve prepare certs test test-unit test-e2e stress bench lint format docs clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -47,6 +47,9 @@ test-unit: $(STAMP) ## fast in-process tests only
 
 test-e2e: $(STAMP) ## real HTTPS server + real clients
 	$(BIN)/pytest tests/e2e
+
+stress: $(STAMP) ## hostile load at full size on loopback: 10k fuzzed requests, 2x overload, 20+20 kill -9, full disk
+	STRESS=full $(BIN)/pytest tests/e2e/test_stress.py -s
 
 bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESULTS.md
 	$(BIN)/python bench/bench_serving.py --write

@@ -1,7 +1,10 @@
-"""One place that turns every failure into the OpenAI error envelope with the right status."""
+"""One place that turns every failure into the OpenAI error envelope with the right status (a full data
+disk, ENOSPC or SQLITE_FULL from anywhere, is a 503 `insufficient_storage` with Retry-After)."""
 
 from __future__ import annotations
 
+import errno
+import sqlite3
 from typing import Any
 
 import structlog
@@ -61,6 +64,27 @@ def _http_error(request: Request[Any, Any, Any], exc: HTTPException) -> Response
     return _envelope(status, message, type_, None, code, headers or None)
 
 
+_STORAGE_FULL = {errno.ENOSPC, errno.EDQUOT}
+_SQLITE_FULL = 13  # SQLITE_FULL: "database or disk is full"
+
+
+def _storage_full(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+    """The data dir's filesystem is full (or over quota): 503 with Retry-After, nothing stored; else a 500."""
+    full = isinstance(exc, OSError) and exc.errno in _STORAGE_FULL
+    full = full or getattr(exc, "sqlite_errorcode", None) == _SQLITE_FULL
+    if not full:
+        return _unexpected(request, exc)
+    log.error("request.storage_full", error_type=type(exc).__name__, path=request.url.path)
+    return _envelope(
+        503,
+        "The server's storage is full, so nothing was stored; retry later.",
+        "server_error",
+        None,
+        "insufficient_storage",
+        {"Retry-After": "30"},
+    )
+
+
 def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     log.error("request.unhandled_error", error_type=type(exc).__name__, path=request.url.path)
     return _envelope(
@@ -71,5 +95,7 @@ def _unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[Any
 EXCEPTION_HANDLERS: dict[Any, Any] = {
     GatewayError: _gateway_error,
     HTTPException: _http_error,
+    OSError: _storage_full,
+    sqlite3.OperationalError: _storage_full,
     Exception: _unexpected,
 }
