@@ -167,7 +167,10 @@ class TokenVerifier:
             "issuer": auth.issuer,
             "audience": auth.audience,
             "leeway_seconds": auth.leeway_seconds,
-            "revocations": RevocationList(settings.key_path(auth.revocation_file, "revoked-tokens.json")),
+            "revocations": RevocationList(
+                settings.key_path(auth.revocation_file, "revoked-tokens.json"),
+                leeway_seconds=auth.leeway_seconds,
+            ),
         }
         if auth.hs256_secret_file:
             return cls.from_hs256_secret(_read_hs256_secret(Path(auth.hs256_secret_file)), **kw)
