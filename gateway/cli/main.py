@@ -341,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="mint a dev JWT with the local signing key")
     token.add_argument("--sub", required=True)
-    token.add_argument("--org", default=None, help="tenant (defaults to the subject)")
+    token.add_argument("--org", default=None, help="tenant, the org claim (defaults to the subject)")
     token.add_argument("--scope", default="models:read chat", help='space-separated, e.g. "chat models:read"')
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 1h, 7d")
     token.set_defaults(func=cmd_token)

@@ -23,6 +23,7 @@ from contracts.base_models import EMBEDDED_MODEL, base_model_sources
 __all__ = [
     "DEFAULT_MODEL",
     "METRICS_ACCESS",
+    "MISSING_TENANT",
     "AuditSettings",
     "AuthSettings",
     "EngineSettings",
@@ -37,6 +38,7 @@ __all__ = [
 
 DEFAULT_MODEL = EMBEDDED_MODEL
 METRICS_ACCESS = ("loopback", "token", "public")
+MISSING_TENANT = ("reject", "subject")
 QUANTIZATION = ("auto", "int4", "int8", "none")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
@@ -155,6 +157,12 @@ class AuthSettings:
         "", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem."
     )
     leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
+    missing_tenant: str = _f(
+        "reject",
+        "A token without an `org` (tenant) claim: reject (401) or subject (its own tenant `user:<sub>`, a "
+        "namespace no organisation can enter: an `org` holding ':' is refused). `gateway token` without "
+        "--org sets org to the subject.",
+    )
     revocation_file: str = _f(
         "",
         "Revoked tokens (`gateway revoke`), re-read on change. Empty: <data_dir>/keys/revoked-tokens.json.",
@@ -170,6 +178,10 @@ class AuthSettings:
         if self.metrics_access not in METRICS_ACCESS:
             raise ValueError(
                 f"auth.metrics_access must be one of {', '.join(METRICS_ACCESS)}, not {self.metrics_access!r}"
+            )
+        if self.missing_tenant not in MISSING_TENANT:
+            raise ValueError(
+                f"auth.missing_tenant must be one of {', '.join(MISSING_TENANT)}, not {self.missing_tenant!r}"
             )
 
 
