@@ -105,6 +105,14 @@ def test_seeded_sampling_is_reproducible_and_n_differs(engine_factory) -> None: 
     assert first[0] != first[1]
 
 
+def test_a_seed_at_the_top_of_int64_with_n_does_not_overflow(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    for seed in (2**63 - 1, -(2**63), 2**64 - 1):  # seed + index past what torch's manual_seed takes
+        params = {"max_tokens": 3, "temperature": 1.0, "seed": seed, "n": 3, "ignore_eos": True}
+        texts, finish, _ = asyncio.run(collect(engine, request(**params)))
+        assert set(texts) == {0, 1, 2} and set(finish.values()) == {"length"}
+
+
 def test_greedy_output_does_not_depend_on_batch_company(engine_factory) -> None:  # type: ignore[no-untyped-def]
     engine = engine_factory()
     alone = asyncio.run(collect(engine, request("alpha", max_tokens=16, temperature=0, ignore_eos=True)))[0]

@@ -30,6 +30,7 @@ __all__ = [
 ]
 
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # the spec's int64 range
 
 
 class ChatMessageIn(Struct, kw_only=True):
@@ -52,7 +53,7 @@ class SamplingRequest(Struct, kw_only=True):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None

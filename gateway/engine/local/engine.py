@@ -367,7 +367,7 @@ class LocalEngine:
         for index in range(request.n):
             params = request.sampling
             if params.seed is not None and index:
-                params = _with_seed(params, params.seed + index)
+                params = _with_seed(params, (params.seed + index) % 2**64)  # torch takes [0, 2^64)
             group.sequences.append(
                 Sequence(
                     group=group,
