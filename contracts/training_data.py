@@ -72,8 +72,9 @@ def validate_file(
     return DataStats(format=file_format, rows=rows)
 
 
-def load_conversations(path: Path, max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES) -> list[Conversation]:
-    """Every record of a (valid) training file as a conversation."""
+def load_conversations(path: Path, max_record_bytes: int = 1 << 30) -> list[Conversation]:
+    """Every record of a (valid) training file as a conversation (its records' size was checked on upload,
+    against the gateway's setting)."""
     return [conversation for *_, conversation in _parse_file(path, max_record_bytes)]
 
 

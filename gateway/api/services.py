@@ -77,6 +77,7 @@ class Services:
                 blobs,
                 max_upload_bytes=settings.limits.max_upload_bytes,
                 max_train_rows=settings.finetune.max_train_rows,
+                max_record_bytes=settings.finetune.max_record_bytes,
             ),
             jobs=JobService(store, blobs, registry),
             fine_tuned=fine_tuned,

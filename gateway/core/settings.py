@@ -220,6 +220,9 @@ class FinetuneSettings:
     poll_seconds: float = _f(1.0, "How often an idle worker looks for queued jobs.")
     device: str = _f("auto", "Training device: auto, cpu, cuda.")
     max_train_rows: int = _f(100_000, "Largest training file in rows.")
+    max_record_bytes: int = _f(
+        1_048_576, "Largest single record (one JSONL line or one element of a JSON array) of a training file."
+    )
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -74,12 +75,22 @@ class FileService:
     """The Files API for one tenant at a time; every lookup is scoped to the caller's tenant."""
 
     def __init__(
-        self, store: Store, blobs: BlobStorage, *, max_upload_bytes: int, max_train_rows: int
+        self,
+        store: Store,
+        blobs: BlobStorage,
+        *,
+        max_upload_bytes: int,
+        max_train_rows: int,
+        max_record_bytes: int = 1 << 20,
     ) -> None:
         self.store = store
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
         self.max_train_rows = max_train_rows
+        self.max_record_bytes = max_record_bytes
+        # validation gets a thread of its own: a large upload queues here, never on the default pool that
+        # also runs job creation and the hot-load poll
+        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-upload")
 
     def receive(self) -> Upload:
         return Upload(self.blobs.tmp_dir, self.max_upload_bytes)
@@ -112,7 +123,7 @@ class FileService:
         upload.finish()
         if upload.size == 0:
             raise InvalidRequest("The uploaded file is empty.", param="file")
-        stats = await asyncio.to_thread(self._validate, upload.path)
+        stats = await asyncio.get_running_loop().run_in_executor(self._validator, self._validate, upload.path)
         file_id = new_id("file-")
         record = FileRecord(
             id=file_id,
@@ -133,7 +144,7 @@ class FileService:
         from contracts.training_data import DataError, validate_file
 
         try:
-            stats = validate_file(path, max_rows=self.max_train_rows)
+            stats = validate_file(path, max_rows=self.max_train_rows, max_record_bytes=self.max_record_bytes)
         except DataError as exc:  # "line N: what is wrong" (never the content itself)
             raise InvalidRequest(
                 f"Invalid training file: {exc}", param="file", code="invalid_file_format"
