@@ -1,9 +1,10 @@
 """Decoding request bodies into protocol Structs, with errors that name the offending field.
 
-Nesting is capped at MAX_JSON_DEPTH before decoding: msgspec recurses per level and raises RecursionError
-near Python's recursion limit (about 1,000 levels, less on a deeper stack), which would be a 500.  The cap is
-checked at C speed (bytes.translate/replace, a numpy running sum), never a Python loop over the body, and only
-for a body holding more than MAX_JSON_DEPTH brackets at all.
+Nesting is capped at MAX_JSON_DEPTH: msgspec recurses per level and raises RecursionError near Python's
+recursion limit (about 1,000 levels, less on a deeper stack), a 400 here, and a body that decodes is then
+checked against the cap (code after us may recurse over what it holds).  The cap is checked at C speed
+(bytes.translate/replace, a numpy running sum), never a Python loop over the body, and only for a body
+holding more than MAX_JSON_DEPTH brackets at all.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ MAX_JSON_DEPTH = 64
 _NOT_STRUCTURAL = bytes(range(256)).translate(None, b'[]{}"')  # what translate() deletes
 
 T = TypeVar("T")
+_TOO_DEEP = f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep."
 _PATH = re.compile(r"at `\$\.?([^`]*)`")
 _MISSING = re.compile(r"missing required field `(\w+)`")
 
@@ -29,14 +31,10 @@ def decode_body(body: bytes, kind: type[T]) -> T:
     """JSON body -> Struct; InvalidRequest (400) with `param` set to the field path on any problem."""
     if not body.strip():
         raise InvalidRequest("The request body is empty; expected a JSON object.")
-    if json_depth_exceeds(body, MAX_JSON_DEPTH):
-        raise InvalidRequest(
-            f"The JSON body of your request is nested more than {MAX_JSON_DEPTH} levels deep."
-        )
     try:
-        return msgspec.json.decode(body, type=kind)
-    except RecursionError:  # the cap above should make this unreachable; a 400 all the same
-        raise InvalidRequest("The JSON body of your request is nested too deeply.") from None
+        decoded = msgspec.json.decode(body, type=kind)
+    except RecursionError:  # msgspec's own limit, near Python's recursion limit
+        raise InvalidRequest(_TOO_DEEP) from None
     except msgspec.ValidationError as exc:
         message = str(exc)
         path = _PATH.search(message)
@@ -45,6 +43,10 @@ def decode_body(body: bytes, kind: type[T]) -> T:
         raise InvalidRequest(f"Invalid request: {message}", param=".".join(parts) or None) from None
     except msgspec.DecodeError as exc:
         raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from None
+    # after decoding, which refuses most hostile bodies (an over-long array, say) sooner than this scan
+    if json_depth_exceeds(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(_TOO_DEEP)
+    return decoded
 
 
 def json_depth_exceeds(body: bytes, limit: int) -> bool:
