@@ -202,6 +202,16 @@ class PrivacySettings:
     master_key_env: str = _f(
         "GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file."
     )
+    tmp_sweep_seconds: float = _f(
+        600.0,
+        "How often <data_dir>/tmp (uploads being staged, decrypted copies) is swept, besides at every start; "
+        "0 sweeps only at start.",
+    )
+    tmp_max_age_seconds: float = _f(
+        300.0,
+        "A file in <data_dir>/tmp untouched this long is removed by the sweep (longer than an upload's body "
+        "timeout and a job lease, so nothing in use goes).",
+    )
     block_egress: bool = _f(
         True,
         "Refuse, in-process, every outbound connection and DNS lookup past loopback and egress_allow "

@@ -295,3 +295,20 @@ def test_uploads_are_validated_on_their_own_thread(api: Api, monkeypatch: pytest
     monkeypatch.setattr(training_data, "validate_file", spying)
     assert api.upload(ALPACA_JSONL).status_code == 200
     assert len(seen) == 1 and seen[0].startswith("validate-upload")
+
+
+def test_tmp_is_swept_periodically_of_what_is_older_than_the_age(tmp_path: Path) -> None:
+    privacy = PrivacySettings(tmp_sweep_seconds=0.2, tmp_max_age_seconds=60, block_egress=False)
+    data = tmp_path / "data"
+    for api in _api(tmp_path, privacy=privacy):
+        (data / "tmp").mkdir(parents=True, exist_ok=True)
+        stale, young = data / "tmp" / "upload-stale", data / "tmp" / "upload-young"
+        stale.write_bytes(b"plaintext left by a request that died")
+        young.write_bytes(b"an upload arriving now")
+        old = time.time() - 120  # past the 60 s age, but far younger than the hour the start-up sweep used
+        os.utime(stale, (old, old))
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not stale.exists() and young.exists()
+        assert api.upload(ALPACA_JSONL).status_code == 200

@@ -200,16 +200,23 @@ class FileService:
             raise file_not_found(file_id)
         return record.bytes, self.blobs.chunks(record.path)
 
-    def sweep(self) -> int:
-        """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
-        file bodies with no record."""
-        removed, cutoff = 0, time.time() - _STALE_SECONDS
+    def sweep(self, tmp_max_age_seconds: float = _STALE_SECONDS) -> int:
+        """Remove what a crash left behind: staging files and decrypted adapter copies in tmp/ untouched for
+        `tmp_max_age_seconds`, and file bodies with no record (an hour old, so none being committed)."""
+        removed, now = 0, time.time()
         known = {Path(p).name for p in self.store.files.all_paths()}
-        for directory, keep in ((self.blobs.tmp_dir, set()), (self.blobs.files_dir, known)):
+        for directory, keep, age in (
+            (self.blobs.tmp_dir, set(), tmp_max_age_seconds),
+            (self.blobs.files_dir, known, _STALE_SECONDS),
+        ):
             if not directory.is_dir():
                 continue
             for path in directory.iterdir():
-                if path.name in keep or path.stat().st_mtime >= cutoff:
+                try:
+                    fresh = path.stat().st_mtime >= now - age
+                except FileNotFoundError:  # gone meanwhile (an upload committed)
+                    continue
+                if path.name in keep or fresh:
                     continue
                 if path.is_dir() and directory == self.blobs.tmp_dir:
                     shutil.rmtree(path, ignore_errors=True)
