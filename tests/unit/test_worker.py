@@ -296,6 +296,17 @@ def test_trainer_errors_become_actionable_job_errors(
     assert (failed.error["code"], failed.error["param"]) == (code, param) and text in failed.error["message"]
 
 
+def test_the_plaintext_data_copy_goes_once_training_has_read_it(setup: Setup) -> None:
+    job = setup.job()
+    data_dir = setup.data / "work" / job.id / "data"
+    seen: list[bool] = []
+    trainer = ScriptedTrainer(steps=3, on_step=lambda step: seen.append(data_dir.exists()))
+    setup.worker(trainer).run_once()
+    assert trainer.data and trainer.data[0]  # the trainer read the file before it went
+    assert seen == [False, False, False]  # gone for the whole run, not only at its end
+    assert _job(setup, job.id).status == "succeeded"
+
+
 def test_an_unexpected_error_shows_its_type_never_its_text(setup: Setup) -> None:
     job = setup.job()
     secret = "row 17: my card number is 4111 1111 1111 1111 at /srv/data/work/x"
