@@ -9,6 +9,7 @@ training stopped because the worker was told to.  Nothing here logs training row
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -176,6 +177,9 @@ class JobTrainer:
             run.last_valid_loss = float(data["valid_loss"])
             add_event(self.store, run.job, message, type="metrics", data=data)
         elif kind == "started":
+            # the trainer has read the data into memory: its plaintext copy goes now, not when the run ends
+            # (a resumed run decrypts it again)
+            shutil.rmtree(run.work_dir / "data", ignore_errors=True)
             run.first_step, run.started = int(data.get("resumed_from_step", 0)), time.monotonic()
             if run.first_step:
                 message += f" (resumed from the checkpoint at step {run.first_step})"

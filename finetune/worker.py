@@ -149,7 +149,14 @@ class Worker:
             keep_work_dir = self._stopped(run)
         except Exception as exc:
             log.error("worker.job_error", job_id=job.id, error_type=type(exc).__name__)
-            self._fail(run, JobFailed(f"Training failed: {type(exc).__name__}: {str(exc)[:500]}"))
+            # a fixed message and the type only: an exception's text can quote training rows or paths
+            self._fail(
+                run,
+                JobFailed(
+                    f"Training failed with an internal error ({type(exc).__name__}). The operator can find "
+                    "the job id in the worker's log; create the job again once it is fixed."
+                ),
+            )
         finally:
             run.stop.set()
             beat.join(timeout=5)

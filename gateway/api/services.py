@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import structlog
 from litestar.connection import ASGIConnection
 from litestar.di import Provide
 
@@ -34,6 +35,8 @@ from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.observability.metrics import GatewayMetrics
 from gateway.security.encryption import Cipher
 from gateway.store import Store
+
+log = structlog.get_logger(__name__)
 
 __all__ = ["Services"]
 
@@ -84,6 +87,7 @@ class Services:
                 blobs,
                 max_upload_bytes=settings.limits.max_upload_bytes,
                 max_train_rows=settings.finetune.max_train_rows,
+                max_record_bytes=settings.finetune.max_record_bytes,
                 quotas=quotas,
             ),
             jobs=JobService(
@@ -112,13 +116,33 @@ class Services:
         return provided
 
     async def start(self) -> None:
-        await asyncio.to_thread(self.files.sweep)
+        await asyncio.to_thread(self.files.sweep, self.settings.privacy.tmp_max_age_seconds)
+        if self.settings.privacy.tmp_sweep_seconds > 0:
+            sweeper = asyncio.get_running_loop().create_task(self._sweep_periodically())
+            object.__setattr__(self, "_sweeper", sweeper)  # a task, not a dependency: kept off the fields
         await self.jobs.start()
         await self.fine_tuned.start()
         if self.worker is not None:
             self.worker.start()
 
+    async def _sweep_periodically(self) -> None:
+        """data/tmp holds plaintext while an upload is staged or an adapter decrypted: sweep it on a timer
+        too, not only at start (a gateway may run for months)."""
+        privacy = self.settings.privacy
+        while True:
+            await asyncio.sleep(privacy.tmp_sweep_seconds)
+            try:
+                removed = await asyncio.to_thread(self.files.sweep, privacy.tmp_max_age_seconds)
+            except Exception as exc:  # a sweep that fails once must not stop the next
+                log.warning("files.sweep_failed", error_type=type(exc).__name__)
+                continue
+            if removed:
+                log.info("files.swept", removed=removed)
+
     async def close(self) -> None:
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None:
+            sweeper.cancel()
         if self.worker is not None:
             await self.worker.stop()
         await self.fine_tuned.close()

@@ -6,8 +6,11 @@ revoke` adds an entry to a JSON file beside the keys (auth.revocation_file, defa
 the file changes (one stat per request), so a revocation applies to the next request.
 
     by token id (`jti`)   that one token; the entry goes once the token would have expired anyway
-    by subject (`sub`)    every token of that subject issued at or before the revocation (`iat` <= at), so
-                          a token minted afterwards works again (an IdP's new session, say)
+    by subject (`sub`)    every token of that subject issued at or before the revocation plus the clock
+                          leeway (`iat` <= at + auth.leeway_seconds): verify accepts an `iat` up to the
+                          leeway ahead of its clock, so a token minted just before the revocation on a fast
+                          clock is still refused; a token minted after that window works again (an IdP's
+                          new session, say)
 
 The file is rewritten atomically under an flock, so two operators revoking at once both land.  A file that
 cannot be parsed (edited by hand) is an error at every request until fixed: failing open would quietly undo
@@ -36,8 +39,9 @@ class RevocationListUnreadable(ValueError):
 
 
 class RevocationList:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, leeway_seconds: int = 0) -> None:
         self.path = path
+        self.leeway_seconds = max(0, int(leeway_seconds))
         self._lock = threading.Lock()
         self._stamp: tuple[int, int] | None = None
         self._tokens: dict[str, int] = {}  # jti -> exp
@@ -51,7 +55,11 @@ class RevocationList:
         if isinstance(jti, str) and jti in tokens:
             return True
         revoked_at = subjects.get(claims.get("sub"))  # type: ignore[arg-type]
-        return revoked_at is not None and isinstance(iat, int | float) and iat <= revoked_at
+        if revoked_at is None:
+            return False
+        if not isinstance(iat, int | float) or isinstance(iat, bool):
+            return True  # no usable `iat` cannot prove the token was minted after the revocation
+        return iat <= revoked_at + self.leeway_seconds
 
     def revoke_token(self, jti: str, expires_at: int) -> None:
         with self._editing() as data:

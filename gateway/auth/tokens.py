@@ -7,6 +7,9 @@ Rules, each one closing a known hole:
   secret) cannot verify;
 - JWKS keys come from a local file only and are picked by `kid`; symmetric (`oct`) JWKs are refused;
 - exp, iat, sub, iss and aud are required; iss and aud compare exactly (aud may be a list holding ours);
+- the tenant is the `org` claim; without one the token is refused (auth.missing_tenant = "reject") or gets
+  a tenant of its own, `user:<sub>` ("subject"), which no `org` can equal since an `org` with ':' is refused;
+  so `{sub: "acme"}` never lands in organisation acme;
   nbf is honoured; clock skew is `auth.leeway_seconds`;
 - unknown `crit` headers and unexpected `typ` values are refused, oversized tokens are not parsed;
 - errors say what was wrong (expired, wrong audience, ...) but never echo the token or its claims.
@@ -54,6 +57,8 @@ ALLOWED_TYP = {"jwt", "at+jwt", "application/jwt", "application/at+jwt"}
 _RSA_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512")
 _EC_ALGORITHM_BY_CURVE = {"secp256r1": "ES256", "secp384r1": "ES384", "secp521r1": "ES512"}
 _IDENTITY_RE = re.compile(r"^[^\x00-\x1f\x7f]{1,256}$")
+_ORG_RE = re.compile(r"^[^\x00-\x1f\x7f:]{1,256}$")  # ':' is kept for the `user:<sub>` namespace
+SUBJECT_TENANT_PREFIX = "user:"
 
 
 def algorithms_for_key(key: Any) -> tuple[str, ...]:
@@ -118,7 +123,11 @@ class TokenVerifier:
         audience: str,
         leeway_seconds: int = 30,
         revocations: RevocationList | None = None,
+        missing_tenant: str = "reject",
     ) -> None:
+        if missing_tenant not in ("reject", "subject"):
+            raise ValueError(f"missing_tenant must be reject or subject, not {missing_tenant!r}")
+        self._missing_tenant = missing_tenant
         if not keys:
             raise ValueError("no verification key configured")
         self._revocations = revocations
@@ -167,7 +176,11 @@ class TokenVerifier:
             "issuer": auth.issuer,
             "audience": auth.audience,
             "leeway_seconds": auth.leeway_seconds,
-            "revocations": RevocationList(settings.key_path(auth.revocation_file, "revoked-tokens.json")),
+            "missing_tenant": auth.missing_tenant,
+            "revocations": RevocationList(
+                settings.key_path(auth.revocation_file, "revoked-tokens.json"),
+                leeway_seconds=auth.leeway_seconds,
+            ),
         }
         if auth.hs256_secret_file:
             return cls.from_hs256_secret(_read_hs256_secret(Path(auth.hs256_secret_file)), **kw)
@@ -249,13 +262,16 @@ class TokenVerifier:
             raise AuthenticationFailed("malformed token") from None
         return claims
 
-    @staticmethod
-    def _principal(claims: Mapping[str, Any]) -> Principal:
+    def _principal(self, claims: Mapping[str, Any]) -> Principal:
         subject = claims.get("sub")
         if not isinstance(subject, str) or not _IDENTITY_RE.match(subject):
             raise AuthenticationFailed("token has an invalid 'sub' claim")
-        tenant = claims.get("org", subject)
-        if not isinstance(tenant, str) or not _IDENTITY_RE.match(tenant):
+        tenant = claims.get("org")
+        if tenant is None:
+            if self._missing_tenant == "reject":
+                raise AuthenticationFailed("token lacks the required 'org' (tenant) claim")
+            tenant = SUBJECT_TENANT_PREFIX + subject
+        elif not isinstance(tenant, str) or not _ORG_RE.match(tenant):
             raise AuthenticationFailed("token has an invalid 'org' claim")
         raw_scope = claims.get("scope", "")
         if not isinstance(raw_scope, str):
@@ -336,8 +352,12 @@ def _jwks_kid_for(settings: Settings, private_key: Any) -> str | None:
 def mint_dev_token(
     settings: Settings, *, sub: str, org: str | None, scope: str | Iterable[str], ttl_seconds: int
 ) -> str:
-    """`gateway token`: sign with the configured dev key and the first configured algorithm that fits it."""
+    """`gateway token`: sign with the configured dev key and the first configured algorithm that fits it.
+
+    Without an org the token names its subject as its tenant (org = sub), as the dev CLI always did."""
     auth = settings.auth
+    if org is None:
+        org = sub
     kid: str | None = None
     if auth.hs256_secret_file:
         key: Any = _read_hs256_secret(Path(auth.hs256_secret_file))

@@ -151,10 +151,16 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     from gateway.auth.revocations import RevocationList
 
     settings = _settings(args)
-    revocations = RevocationList(settings.key_path(settings.auth.revocation_file, "revoked-tokens.json"))
+    revocations = RevocationList(
+        settings.key_path(settings.auth.revocation_file, "revoked-tokens.json"),
+        leeway_seconds=settings.auth.leeway_seconds,
+    )
     if args.sub:
         revocations.revoke_subject(args.sub)
-        print(f"revoked every token of subject {args.sub!r} issued until now")
+        print(
+            f"revoked every token of subject {args.sub!r} issued until now "
+            f"(and up to {revocations.leeway_seconds} s ahead, the clock leeway)"
+        )
     else:
         jti, expires = args.jti, int(time.time()) + 366 * 86400  # no exp known: keep it a year
         if args.token:  # read, not verified: revoking a forged token only lists an id nobody holds
@@ -335,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     token = sub.add_parser("token", help="mint a dev JWT with the local signing key")
     token.add_argument("--sub", required=True)
-    token.add_argument("--org", default=None, help="tenant (defaults to the subject)")
+    token.add_argument("--org", default=None, help="tenant, the org claim (defaults to the subject)")
     token.add_argument("--scope", default="models:read chat", help='space-separated, e.g. "chat models:read"')
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 1h, 7d")
     token.set_defaults(func=cmd_token)

@@ -23,6 +23,7 @@ from contracts.base_models import EMBEDDED_MODEL, base_model_sources
 __all__ = [
     "DEFAULT_MODEL",
     "METRICS_ACCESS",
+    "MISSING_TENANT",
     "AuditSettings",
     "AuthSettings",
     "EngineSettings",
@@ -38,6 +39,7 @@ __all__ = [
 
 DEFAULT_MODEL = EMBEDDED_MODEL
 METRICS_ACCESS = ("loopback", "token", "public")
+MISSING_TENANT = ("reject", "subject")
 QUANTIZATION = ("auto", "int4", "int8", "none")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
@@ -188,6 +190,12 @@ class AuthSettings:
         "", "Dev signing key for `gateway token`. Empty: <data_dir>/keys/jwt-private.pem."
     )
     leeway_seconds: int = _f(30, "Clock skew allowed on exp/nbf/iat.")
+    missing_tenant: str = _f(
+        "reject",
+        "A token without an `org` (tenant) claim: reject (401) or subject (its own tenant `user:<sub>`, a "
+        "namespace no organisation can enter: an `org` holding ':' is refused). `gateway token` without "
+        "--org sets org to the subject.",
+    )
     revocation_file: str = _f(
         "",
         "Revoked tokens (`gateway revoke`), re-read on change. Empty: <data_dir>/keys/revoked-tokens.json.",
@@ -203,6 +211,10 @@ class AuthSettings:
         if self.metrics_access not in METRICS_ACCESS:
             raise ValueError(
                 f"auth.metrics_access must be one of {', '.join(METRICS_ACCESS)}, not {self.metrics_access!r}"
+            )
+        if self.missing_tenant not in MISSING_TENANT:
+            raise ValueError(
+                f"auth.missing_tenant must be one of {', '.join(MISSING_TENANT)}, not {self.missing_tenant!r}"
             )
 
 
@@ -228,6 +240,16 @@ class PrivacySettings:
     )
     master_key_env: str = _f(
         "GATEWAY_MASTER_KEY", "Env var holding the master key (base64); wins over the file."
+    )
+    tmp_sweep_seconds: float = _f(
+        600.0,
+        "How often <data_dir>/tmp (uploads being staged, decrypted copies) is swept, besides at every start; "
+        "0 sweeps only at start.",
+    )
+    tmp_max_age_seconds: float = _f(
+        300.0,
+        "A file in <data_dir>/tmp untouched this long is removed by the sweep (longer than an upload's body "
+        "timeout and a job lease, so nothing in use goes).",
     )
     block_egress: bool = _f(
         True,
@@ -257,6 +279,9 @@ class FinetuneSettings:
         100,
         "Floor on save_steps: a job may save at most this many checkpoints, so save_steps must be at least "
         "its total steps / this (0 = only the last is always allowed); less -> 400.",
+    )
+    max_record_bytes: int = _f(
+        1_048_576, "Largest single record (one JSONL line or one element of a JSON array) of a training file."
     )
 
 

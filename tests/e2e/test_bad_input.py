@@ -10,6 +10,8 @@ from tests.spec import validate
 
 MODEL = "smollm2-135m-instruct"
 OK_MESSAGES = [{"role": "user", "content": "Hi"}]
+# a valid request but for an unknown field nested deep (which the decoder skips, recursing as it goes)
+_NESTED = b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "Hi"}], "x": '
 
 CASES = [
     ("malformed json", b'{"model": "x", "messages": [', 400, None),
@@ -65,6 +67,11 @@ CASES = [
         "max_tokens",
     ),
     ("huge body", b'{"model": "' + b"x" * 2_000_000 + b'"}', 413, None),
+    # once 500s: the decoder's RecursionError, a seed torch cannot take, seed + index past 2^64
+    ("deeply nested", _NESTED + b"[" * 50_000 + b"]" * 50_000 + b"}", 400, None),
+    ("nested past the cap", _NESTED + b"[" * 64 + b"]" * 64 + b"}", 400, None),
+    ("seed 2^64", {"model": MODEL, "messages": OK_MESSAGES, "seed": 2**64}, 400, "seed"),
+    ("seed past int64", {"model": MODEL, "messages": OK_MESSAGES, "seed": 2**63}, 400, "seed"),
 ]
 
 
@@ -102,3 +109,21 @@ def test_unknown_route_and_method(gateway: Gateway) -> None:
         wrong = http.get("/v1/chat/completions")
         assert wrong.status_code in (404, 405)
         validate("ErrorResponse", wrong.json())
+
+
+def test_a_top_of_int64_seed_with_n_is_served(gateway: Gateway) -> None:
+    body = {"model": MODEL, "messages": OK_MESSAGES, "max_tokens": 2, "seed": 2**63 - 1, "n": 3}
+    with gateway.client(gateway.token()) as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    validate("CreateChatCompletionResponse", response.json())
+    assert len(response.json()["choices"]) == 3
+
+
+@pytest.mark.parametrize("after", ["\u0663", "\uff11", "1_000", " 7", "9" * 20])
+def test_a_non_ascii_or_odd_integer_in_after_is_a_400(gateway: Gateway, after: str) -> None:
+    with gateway.client(gateway.token("admin")) as http:
+        response = http.get("/v1/audit", params={"after": after})
+    assert response.status_code == 400, response.text
+    validate("ErrorResponse", response.json())
+    assert response.json()["error"]["param"] == "after"

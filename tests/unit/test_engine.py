@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from gateway.core.errors import ContextLengthExceeded, EngineUnavailable, NotFound, RateLimited
-from gateway.engine.base import GenerationRequest, SamplingParams
+from gateway.engine.base import ChatMessage, GenerationRequest, SamplingParams
 from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local.engine import LocalEngine
 from gateway.engine.local.lora import AdapterError
@@ -103,6 +103,14 @@ def test_seeded_sampling_is_reproducible_and_n_differs(engine_factory) -> None: 
     second = asyncio.run(collect(engine, request(**params)))[0]
     assert first == second and set(first) == {0, 1}
     assert first[0] != first[1]
+
+
+def test_a_seed_at_the_top_of_int64_with_n_does_not_overflow(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    for seed in (2**63 - 1, -(2**63), 2**64 - 1):  # seed + index past what torch's manual_seed takes
+        params = {"max_tokens": 3, "temperature": 1.0, "seed": seed, "n": 3, "ignore_eos": True}
+        texts, finish, _ = asyncio.run(collect(engine, request(**params)))
+        assert set(texts) == {0, 1, 2} and set(finish.values()) == {"length"}
 
 
 def test_greedy_output_does_not_depend_on_batch_company(engine_factory) -> None:  # type: ignore[no-untyped-def]
@@ -215,3 +223,30 @@ def test_sampling_penalties_top_p_and_logprobs() -> None:
     assert sample_batch(logits, [penalised]).token_ids == [2]
     narrow = SequenceSampler(SamplingParams(temperature=1.0, top_p=0.01, seed=3))
     assert {sample_batch(logits, [narrow]).token_ids[0] for _ in range(20)} == {1}
+
+
+def test_a_prompt_that_cannot_fit_is_refused_before_the_tokenizer_runs(engine_factory) -> None:  # type: ignore[no-untyped-def]
+    engine = engine_factory()
+    longest = engine._max_chars_per_token
+    assert 8 <= longest < 1000  # read from the real SmolLM2 vocabulary
+    calls: list[int] = []
+    real = engine.tokenize
+
+    def counting(req: GenerationRequest) -> list[int]:
+        calls.append(threading.get_ident())
+        return real(req)
+
+    engine.tokenize = counting
+    many = GenerationRequest(
+        request_id="t",
+        model=NAME,
+        messages=tuple(ChatMessage("user", "x") for _ in range(engine.max_model_len + 1)),
+        sampling=SamplingParams(max_tokens=1),
+    )
+    with pytest.raises(ContextLengthExceeded, match="messages"):
+        asyncio.run(collect(engine, many))
+    with pytest.raises(ContextLengthExceeded, match="characters"):
+        asyncio.run(collect(engine, request("x" * (engine.max_model_len * longest + 1), max_tokens=1)))
+    assert calls == []  # neither reached the tokenizer
+    asyncio.run(collect(engine, request(max_tokens=1)))
+    assert len(calls) == 1 and calls[0] != threading.get_ident()  # tokenized off the caller's thread

@@ -263,3 +263,52 @@ def test_start_up_sweeps_what_a_crash_left_behind(tmp_path: Path) -> None:
         assert not any(path.exists() for path in leftovers)
         assert fresh.exists()  # too young to be a crash's leftover
         assert api.client.get(f"/v1/files/{kept}/content", headers=api.headers()).content == ALPACA_JSONL
+
+
+def test_a_record_over_the_size_cap_is_a_400_and_nothing_is_kept(tmp_path: Path) -> None:
+    from gateway.core.settings import FinetuneSettings
+
+    for api in _api(tmp_path, finetune=FinetuneSettings(run_worker=False, max_record_bytes=2048)):
+        big = json.dumps({"instruction": "x" * 4096, "output": "y"}).encode() + b"\n"
+        response = api.upload(ALPACA_JSONL + big)
+        assert response.status_code == 400, response.text
+        error = response.json()["error"]
+        validate("ErrorResponse", response.json())
+        assert (error["param"], error["code"]) == ("file", "invalid_file_format")
+        assert "longer than 2048 bytes" in error["message"]
+        assert api.stored_bodies() == [] and api.staged() == []
+        assert api.upload(ALPACA_JSONL).status_code == 200  # records under the cap still go in
+
+
+def test_uploads_are_validated_on_their_own_thread(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from contracts import training_data
+
+    seen: list[str] = []
+    real = training_data.validate_file
+
+    def spying(*args: Any, **kw: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return real(*args, **kw)
+
+    monkeypatch.setattr(training_data, "validate_file", spying)
+    assert api.upload(ALPACA_JSONL).status_code == 200
+    assert len(seen) == 1 and seen[0].startswith("validate-upload")
+
+
+def test_tmp_is_swept_periodically_of_what_is_older_than_the_age(tmp_path: Path) -> None:
+    privacy = PrivacySettings(tmp_sweep_seconds=0.2, tmp_max_age_seconds=60, block_egress=False)
+    data = tmp_path / "data"
+    for api in _api(tmp_path, privacy=privacy):
+        (data / "tmp").mkdir(parents=True, exist_ok=True)
+        stale, young = data / "tmp" / "upload-stale", data / "tmp" / "upload-young"
+        stale.write_bytes(b"plaintext left by a request that died")
+        young.write_bytes(b"an upload arriving now")
+        old = time.time() - 120  # past the 60 s age, but far younger than the hour the start-up sweep used
+        os.utime(stale, (old, old))
+        deadline = time.monotonic() + 10
+        while stale.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not stale.exists() and young.exists()
+        assert api.upload(ALPACA_JSONL).status_code == 200

@@ -58,8 +58,55 @@ def test_revoking_a_subject_refuses_its_tokens_issued_until_then(settings: Setti
     with pytest.raises(AuthenticationFailed, match="revoked"):
         verifier.verify(old)
     assert verifier.verify(other).subject == "bob"
-    time.sleep(1.1)  # iat has one-second resolution
-    assert verifier.verify(_token(settings)).subject == "alice"  # a token minted afterwards works
+    # a revocation made longer ago than the leeway: a token minted now works again, an older one does not
+    now, leeway = int(time.time()), settings.auth.leeway_seconds
+    _list(settings).revoke_subject("alice", at=now - leeway - 2)
+    assert verifier.verify(_token(settings)).subject == "alice"
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        verifier.verify(_token_at(settings, iat=now - 2))
+
+
+def _token_at(settings: Settings, *, iat: int, sub: str = "alice") -> str:
+    """A token whose `iat` is given (a minting clock that runs ahead or behind ours)."""
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_pem_private_key(
+        (settings.data_path / "keys" / "jwt-private.pem").read_bytes(), password=None
+    )
+    now = int(time.time())
+    claims = {
+        "iss": settings.auth.issuer,
+        "aud": settings.auth.audience,
+        "sub": sub,
+        "org": "acme",
+        "iat": iat,
+        "exp": now + 600,
+        "scope": "chat",
+    }
+    return jwt.encode(claims, key, algorithm="EdDSA")  # type: ignore[arg-type]
+
+
+def test_subject_revocation_covers_the_clock_leeway_ahead(settings: Settings) -> None:
+    """verify accepts `iat` up to leeway ahead, so revocation refuses every iat <= revoked_at + leeway."""
+    verifier = TokenVerifier.from_settings(settings)
+    leeway = settings.auth.leeway_seconds
+    at = int(time.time())
+    # minted on a clock running ahead, just before the revocation by that clock: verify accepts it
+    ahead = _token_at(settings, iat=at + leeway)
+    assert verifier.verify(ahead).subject == "alice"
+    _list(settings).revoke_subject("alice", at=at)
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        verifier.verify(ahead)  # the boundary: iat == revoked_at + leeway is still revoked
+    with pytest.raises(AuthenticationFailed, match="revoked"):
+        verifier.verify(_token_at(settings, iat=at - 5))
+    # one second past the window cannot be verified yet (iat ahead of now + leeway) ...
+    with pytest.raises(AuthenticationFailed, match="not valid yet"):
+        verifier.verify(_token_at(settings, iat=at + leeway + 5))
+    # ... and the list itself says it is not covered by the revocation
+    lst = RevocationList(_list(settings).path, leeway_seconds=leeway)
+    assert lst.is_revoked({"sub": "alice", "iat": at + leeway})
+    assert not lst.is_revoked({"sub": "alice", "iat": at + leeway + 1})
+    assert not RevocationList(lst.path).is_revoked({"sub": "alice", "iat": at + 1})  # no leeway: the old rule
 
 
 def test_entries_for_long_expired_tokens_are_dropped(settings: Settings) -> None:

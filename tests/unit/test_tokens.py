@@ -233,13 +233,52 @@ def test_leeway_tolerates_small_skew(keys: dict[str, Any]) -> None:
         assert strict_reason in _reason(_verifier(keys["EdDSA"], ["EdDSA"], leeway=0), token)
 
 
-def test_scopes_keep_only_known_ones_and_tenant_falls_back_to_sub(keys: dict[str, Any]) -> None:
-    claims = _claims(scope="chat  files:write superuser admin:all  fine_tuning:read", org=None)
+def test_scopes_keep_only_known_ones(keys: dict[str, Any]) -> None:
+    claims = _claims(scope="chat  files:write superuser admin:all  fine_tuning:read")
     token = jwt.encode(claims, keys["EdDSA"], algorithm="EdDSA")
     principal = _verifier(keys["EdDSA"], ["EdDSA"]).verify(token)
     assert principal.scopes == frozenset({"chat", "files:write", "fine_tuning:read"})
-    assert principal.tenant == "alice"
+    assert principal.tenant == "acme"
     assert not principal.is_admin
+
+
+def _subject_mode_verifier(key: Any) -> TokenVerifier:
+    return TokenVerifier.from_pem(
+        _pem_public(key), algorithms=["EdDSA"], issuer=ISS, audience=AUD, missing_tenant="subject"
+    )
+
+
+def test_missing_tenant_claim_is_refused_by_default(keys: dict[str, Any]) -> None:
+    """{sub: "acme"} must never land in organisation acme's tenant."""
+    token = jwt.encode(_claims(sub="acme", org=None), keys["EdDSA"], algorithm="EdDSA")
+    assert "lacks the required 'org'" in _reason(_verifier(keys["EdDSA"], ["EdDSA"]), token)
+    assert AuthSettings().missing_tenant == "reject"
+
+
+def test_missing_tenant_subject_mode_gets_a_namespace_no_org_can_enter(keys: dict[str, Any]) -> None:
+    verifier = _subject_mode_verifier(keys["EdDSA"])
+    lone = verifier.verify(jwt.encode(_claims(sub="acme", org=None), keys["EdDSA"], algorithm="EdDSA"))
+    member = verifier.verify(jwt.encode(_claims(sub="bob", org="acme"), keys["EdDSA"], algorithm="EdDSA"))
+    assert (lone.subject, lone.tenant) == ("acme", "user:acme")
+    assert member.tenant == "acme" and lone.tenant != member.tenant
+    # an org claiming the subject namespace is refused, in either mode
+    forged = jwt.encode(_claims(sub="mallory", org="user:acme"), keys["EdDSA"], algorithm="EdDSA")
+    assert "invalid 'org'" in _reason(verifier, forged)
+    assert "invalid 'org'" in _reason(_verifier(keys["EdDSA"], ["EdDSA"]), forged)
+
+
+def test_missing_tenant_setting_is_checked() -> None:
+    with pytest.raises(ValueError, match="missing_tenant"):
+        AuthSettings(missing_tenant="guess")
+    assert AuthSettings(missing_tenant="subject").missing_tenant == "subject"
+
+
+def test_dev_token_without_org_names_the_subject_as_org(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"))
+    ensure_dev_keys(settings)
+    token = mint_dev_token(settings, sub="carol", org=None, scope="chat", ttl_seconds=60)
+    assert jwt.decode(token, options={"verify_signature": False})["org"] == "carol"
+    assert TokenVerifier.from_settings(settings).verify(token).tenant == "carol"
 
 
 def test_missing_scope_means_no_scopes(keys: dict[str, Any]) -> None:
@@ -354,7 +393,14 @@ def test_generated_keypairs_sign_and_verify(tmp_path: Path, kind: Any, alg: str)
     private, public = generate_keypair(kind, tmp_path / "out")
     assert stat.S_IMODE(private.stat().st_mode) == 0o600
     token = mint_token(
-        private.read_bytes(), sub="s", scope="chat", ttl_seconds=60, issuer=ISS, audience=AUD, algorithm=alg
+        private.read_bytes(),
+        sub="s",
+        org="o",
+        scope="chat",
+        ttl_seconds=60,
+        issuer=ISS,
+        audience=AUD,
+        algorithm=alg,
     )
     verifier = TokenVerifier.from_pem(public.read_bytes(), algorithms=[alg], issuer=ISS, audience=AUD)
     assert verifier.verify(token).subject == "s"

@@ -259,12 +259,15 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     assert not (setup.data / "work" / job.id).exists()  # the private work dir is gone
 
 
-def test_a_training_error_fails_the_job_with_its_reason(setup: Setup) -> None:
+def test_a_training_error_fails_the_job_with_its_type(setup: Setup) -> None:
     job = setup.job()
     setup.worker(ScriptedTrainer(steps=5, fail_at=3)).run_once()
     failed = setup.store.jobs.get(job.id)
     assert failed is not None and failed.status == "failed" and failed.error is not None
-    assert "illegal memory access" in failed.error["message"] and failed.error["code"] == "training_failed"
+    assert failed.error["code"] == "training_failed"
+    assert (
+        "RuntimeError" in failed.error["message"] and "illegal memory access" not in failed.error["message"]
+    )
     assert setup.events(job.id)[-1].startswith("Fine-tuning job failed")
     assert [m.step for m in setup.store.models.since(0)] == [
         2
@@ -300,6 +303,28 @@ def test_trainer_errors_become_actionable_job_errors(
     failed = _job(setup, job.id)
     assert failed.status == "failed" and failed.error is not None
     assert (failed.error["code"], failed.error["param"]) == (code, param) and text in failed.error["message"]
+
+
+def test_the_plaintext_data_copy_goes_once_training_has_read_it(setup: Setup) -> None:
+    job = setup.job()
+    data_dir = setup.data / "work" / job.id / "data"
+    seen: list[bool] = []
+    trainer = ScriptedTrainer(steps=3, on_step=lambda step: seen.append(data_dir.exists()))
+    setup.worker(trainer).run_once()
+    assert trainer.data and trainer.data[0]  # the trainer read the file before it went
+    assert seen == [False, False, False]  # gone for the whole run, not only at its end
+    assert _job(setup, job.id).status == "succeeded"
+
+
+def test_an_unexpected_error_shows_its_type_never_its_text(setup: Setup) -> None:
+    job = setup.job()
+    secret = "row 17: my card number is 4111 1111 1111 1111 at /srv/data/work/x"
+    setup.worker(ScriptedTrainer(steps=3, fail_at=1, error=KeyError(secret))).run_once()
+    failed = _job(setup, job.id)
+    assert failed.status == "failed" and failed.error is not None
+    message = failed.error["message"]
+    assert "KeyError" in message and "internal error" in message
+    assert "4111" not in message and "/srv" not in message and "row 17" not in message
 
 
 def test_an_unknown_base_model_fails_with_a_clear_error(setup: Setup) -> None:

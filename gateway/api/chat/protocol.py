@@ -9,6 +9,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 __all__ = [
+    "MAX_MESSAGES",
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
@@ -29,7 +30,9 @@ __all__ = [
     "Usage",
 ]
 
+MAX_MESSAGES = 2048
 Penalty = Annotated[float, Meta(ge=-2.0, le=2.0)]
+Seed = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]  # the spec's int64 range
 
 
 class ChatMessageIn(Struct, kw_only=True):
@@ -52,7 +55,7 @@ class SamplingRequest(Struct, kw_only=True):
     top_p: Annotated[float, Meta(gt=0.0, le=1.0)] | None = None
     n: Annotated[int, Meta(ge=1, le=128)] | None = None
     stop: str | Annotated[list[str], Meta(max_length=4)] | None = None
-    seed: int | None = None
+    seed: Seed | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
     user: str | None = None
@@ -62,7 +65,8 @@ class SamplingRequest(Struct, kw_only=True):
 
 
 class ChatCompletionRequest(SamplingRequest, kw_only=True):
-    messages: Annotated[list[ChatMessageIn], Meta(min_length=1)]
+    # 2048, as OpenAI caps it: a mebibyte of tiny messages is refused by the decoder, before any work
+    messages: Annotated[list[ChatMessageIn], Meta(min_length=1, max_length=MAX_MESSAGES)]
     max_tokens: Annotated[int, Meta(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool | None = None

@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -83,6 +84,7 @@ class FileService:
         max_upload_bytes: int,
         max_train_rows: int,
         quotas: Quotas | None = None,
+        max_record_bytes: int = 1 << 20,
     ) -> None:
         self.store = store
         self.blobs = blobs
@@ -99,6 +101,10 @@ class FileService:
         self.quotas.check_storage(
             principal.tenant, used_files=used_files, used_bytes=used_bytes, incoming_bytes=incoming_bytes
         )
+        self.max_record_bytes = max_record_bytes
+        # validation gets a thread of its own: a large upload queues here, never on the default pool that
+        # also runs job creation and the hot-load poll
+        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-upload")
 
     def receive(self) -> Upload:
         return Upload(self.blobs.tmp_dir, self.max_upload_bytes)
@@ -135,7 +141,7 @@ class FileService:
         if upload.size == 0:
             raise InvalidRequest("The uploaded file is empty.", param="file")
         await asyncio.to_thread(self.check_quota, principal, upload.size)  # before the costly validation
-        stats = await asyncio.to_thread(self._validate, upload.path)
+        stats = await asyncio.get_running_loop().run_in_executor(self._validator, self._validate, upload.path)
         file_id = new_id("file-")
         record = FileRecord(
             id=file_id,
@@ -156,7 +162,7 @@ class FileService:
         from contracts.training_data import DataError, validate_file
 
         try:
-            stats = validate_file(path, max_rows=self.max_train_rows)
+            stats = validate_file(path, max_rows=self.max_train_rows, max_record_bytes=self.max_record_bytes)
         except DataError as exc:  # "line N: what is wrong" (never the content itself)
             raise InvalidRequest(
                 f"Invalid training file: {exc}", param="file", code="invalid_file_format"
@@ -212,16 +218,23 @@ class FileService:
             raise file_not_found(file_id)
         return record.bytes, self.blobs.chunks(record.path)
 
-    def sweep(self) -> int:
-        """Remove what a crash left behind: stale staging files and decrypted adapter copies in tmp/, and
-        file bodies with no record."""
-        removed, cutoff = 0, time.time() - _STALE_SECONDS
+    def sweep(self, tmp_max_age_seconds: float = _STALE_SECONDS) -> int:
+        """Remove what a crash left behind: staging files and decrypted adapter copies in tmp/ untouched for
+        `tmp_max_age_seconds`, and file bodies with no record (an hour old, so none being committed)."""
+        removed, now = 0, time.time()
         known = {Path(p).name for p in self.store.files.all_paths()}
-        for directory, keep in ((self.blobs.tmp_dir, set()), (self.blobs.files_dir, known)):
+        for directory, keep, age in (
+            (self.blobs.tmp_dir, set(), tmp_max_age_seconds),
+            (self.blobs.files_dir, known, _STALE_SECONDS),
+        ):
             if not directory.is_dir():
                 continue
             for path in directory.iterdir():
-                if path.name in keep or path.stat().st_mtime >= cutoff:
+                try:
+                    fresh = path.stat().st_mtime >= now - age
+                except FileNotFoundError:  # gone meanwhile (an upload committed)
+                    continue
+                if path.name in keep or fresh:
                     continue
                 if path.is_dir() and directory == self.blobs.tmp_dir:
                     shutil.rmtree(path, ignore_errors=True)

@@ -1,9 +1,14 @@
 """The in-process engine: the Engine protocol over a local transformers model directory.
 
 `start()` starts the engine thread, which loads the model into a ModelRunner and runs continuous batching
-(scheduler.py) over it.  The async app calls `submit()`, which tokenizes and validates the request on the
-caller's side (so a bad request fails fast, before it queues), hands it to the thread and returns a stream of
-deltas; adapters are loaded on the engine thread too, between steps, and referenced by the requests.
+(scheduler.py) over it.  The async app calls `submit()`, which validates the request before it queues (so a
+bad request fails fast), hands it to the thread and returns a stream of deltas; adapters are loaded on the
+engine thread too, between steps, and referenced by the requests.
+
+Tokenizing never runs on the event loop: a 1 MiB body of 36k tiny messages held it for a second.  `submit`
+first rejects by a cheap bound (no tokenizer: more messages than the context has tokens, or more characters
+than the context times the longest token in the vocabulary: either cannot fit), then tokenizes on one
+dedicated thread (`tokenize` pool) so a flood of large prompts queues there, not in front of /healthz.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any, TypeVar
@@ -123,6 +128,8 @@ class LocalEngine:
         self.restarts = 0  # runners rebuilt after repeated failed steps
         self._num_layers = 0
         self._ids = itertools.count()
+        self._max_chars_per_token = 1  # the vocabulary's longest token, known once the tokenizer loads
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -130,6 +137,7 @@ class LocalEngine:
         """Start the engine thread; it loads the model (about a second for a converted model), then runs the
         scheduler.  Returns once the engine serves; raises what loading raised."""
         started = time.perf_counter()
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
         booted: Future[None] = Future()
         self._thread = threading.Thread(target=self._run, args=(booted,), name="engine", daemon=True)
         self._thread.start()
@@ -170,6 +178,7 @@ class LocalEngine:
         source = self._model_source
         model_dir = self.model_dir = source if isinstance(source, Path) else source()
         self.tokenizer = load_tokenizer(model_dir)
+        self._max_chars_per_token = _longest_token_chars(self.tokenizer)
         return Scheduler(
             self._build_runner(model_dir),
             self.tokenizer,
@@ -240,6 +249,7 @@ class LocalEngine:
             self._scheduler.stop()
             self._thread.join(timeout=10)
             self._thread = None
+        self._tokenize_pool.shutdown(wait=False, cancel_futures=True)
         self._ready.clear()
 
     def is_ready(self) -> bool:
@@ -320,6 +330,23 @@ class LocalEngine:
             return list(ids)
         return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
 
+    def _reject_by_cheap_bound(self, request: GenerationRequest) -> None:
+        """Refuse, without the tokenizer, a prompt that cannot fit: each message costs at least one token,
+        and no token covers more characters than the vocabulary's longest."""
+        if request.messages is not None:
+            count = len(request.messages)
+            chars = sum(len(m.content) for m in request.messages)
+        else:
+            count, chars = 0, len(request.prompt or "")
+        limit = self.max_model_len
+        if count > limit or chars > limit * self._max_chars_per_token:
+            what = f"{count} messages" if count > limit else f"{chars} characters"
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {limit} tokens. However, your request has {what}, "
+                "more than fit in it. Please reduce the length of the messages.",
+                param="messages" if request.messages is not None else "prompt",
+            )
+
     async def submit(self, request: GenerationRequest) -> _Stream:
         if not self._accepting():
             raise EngineUnavailable("the engine is not ready; retry shortly")
@@ -337,7 +364,8 @@ class LocalEngine:
                 raise NotFound(
                     f"The model '{request.adapter}' is not loaded", param="model", code="model_not_found"
                 )
-        prompt = self.tokenize(request)
+        self._reject_by_cheap_bound(request)
+        prompt = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self.tokenize, request)
         if not prompt:
             raise InvalidRequest(
                 "the prompt is empty", param="prompt" if request.prompt is not None else "messages"
@@ -367,7 +395,7 @@ class LocalEngine:
         for index in range(request.n):
             params = request.sampling
             if params.seed is not None and index:
-                params = _with_seed(params, params.seed + index)
+                params = _with_seed(params, (params.seed + index) % 2**64)  # torch takes [0, 2^64)
             group.sequences.append(
                 Sequence(
                     group=group,
@@ -386,6 +414,16 @@ class LocalEngine:
     def abort(self, request_id: str) -> None:
         if self._scheduler is not None:
             self._scheduler.abort(request_id)
+
+
+def _longest_token_chars(tokenizer: Any) -> int:
+    """Characters of the vocabulary's longest token: an upper bound on the characters one token covers
+    (a byte-level token's characters are bytes, and a character is at least one byte)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary to read: a bound that still stops a mebibyte
+        return 64
+    return max((len(token) for token in vocab), default=1) or 1
 
 
 def _with_seed(params: Any, seed: int) -> Any:
