@@ -69,13 +69,12 @@ class FakeVllm:
         count = min(limit, self.stop_after) if self.stop_after is not None else limit
         finish = "stop" if self.stop_after is not None and self.stop_after < limit else "length"
         events: list[dict[str, Any]] = []
-        done = 0
         for index in range(n):
             if chat:
-                events.append(self._chunk([_chat(index, {"role": "assistant", "content": ""})], done))
+                events.append(self._chunk([_chat(index, {"role": "assistant", "content": ""})], 0))
         for step in range(count):
             for index in range(n):
-                done += 1
+                done = step + 1  # vLLM's continuous usage: this choice's tokens so far
                 word = f"w{step} " if step < count - 1 else f"w{step}"
                 last = step == count - 1
                 if chat:
@@ -93,7 +92,7 @@ class FakeVllm:
                         "finish_reason": finish if last else None,
                     }
                 events.append(self._chunk([choice], done))
-        events.append(self._chunk([], done))
+        events.append(self._chunk([], count * n))  # the closing total
         lines = [b"data: " + json.dumps(e).encode() + b"\n\n" for e in events]
         return b"".join(lines) + b"data: [DONE]\n\n"
 

@@ -61,23 +61,32 @@ def request_body(request: GenerationRequest, served_name: str) -> dict[str, Any]
 
 
 class UsageCounter:
-    """vLLM's continuous usage is cumulative per request; a delta's token count is the step since the last
-    chunk.  prompt_tokens is read from the first chunk that carries usage."""
+    """vLLM's continuous usage is cumulative per choice (each chunk carries one choice and that choice's
+    completion tokens so far); the closing usage chunk, with no choices, carries the request's total.  A
+    delta's token count is the step since that choice's last chunk; prompt_tokens comes from any of them."""
 
     def __init__(self) -> None:
         self.prompt_tokens = 0
-        self.completion_tokens = 0
+        self._per_choice: dict[int, int] = {}
 
-    def step(self, usage: Any) -> int:
+    @property
+    def completion_tokens(self) -> int:
+        return sum(self._per_choice.values())
+
+    def step(self, usage: Any, index: int | None) -> int:
+        """Tokens new in this chunk: for choice `index`, or (None) for the closing total."""
         if not isinstance(usage, dict):
             return 0
         self.prompt_tokens = int(usage.get("prompt_tokens") or self.prompt_tokens)
-        total = int(usage.get("completion_tokens") or 0)
-        step, self.completion_tokens = (
-            max(0, total - self.completion_tokens),
-            max(total, self.completion_tokens),
-        )
-        return step
+        reported = int(usage.get("completion_tokens") or 0)
+        if index is None:
+            step = max(0, reported - self.completion_tokens)
+            if step:
+                self._per_choice[-1] = self._per_choice.get(-1, 0) + step
+            return step
+        before = self._per_choice.get(index, 0)
+        self._per_choice[index] = max(before, reported)
+        return self._per_choice[index] - before
 
 
 def _finish(reason: Any) -> FinishReason | None:
@@ -121,31 +130,33 @@ def _completion_logprobs(raw: Any) -> list[TokenLogprob] | None:
 
 
 def deltas_of(chunk: dict[str, Any], usage: UsageCounter) -> list[ChoiceDelta]:
-    """One vLLM stream chunk -> our deltas.  The chunk's completion-token step is booked on its first
-    choice (the service only ever sums them); a chunk with usage and no choices yields a bare count."""
+    """One vLLM stream chunk -> our deltas, each with the tokens its chunk added (see UsageCounter)."""
     if "error" in chunk:
         raise error_from(_status_of(chunk["error"]), chunk)
-    step = usage.step(chunk.get("usage"))
+    choices = chunk.get("choices") or []
     out: list[ChoiceDelta] = []
-    for choice in chunk.get("choices") or []:
+    for choice in choices:
         if "delta" in choice:
             text = choice["delta"].get("content") or ""
             logprobs = _chat_logprobs(choice.get("logprobs"))
         else:
             text = choice.get("text") or ""
             logprobs = _completion_logprobs(choice.get("logprobs"))
+        index = int(choice.get("index", 0))
+        step = usage.step(chunk.get("usage"), index) if len(choices) == 1 else 0
         out.append(
             ChoiceDelta(
-                index=int(choice.get("index", 0)),
+                index=index,
                 text=text,
                 token_count=step,
                 logprobs=logprobs,
                 finish_reason=_finish(choice.get("finish_reason")),
             )
         )
-        step = 0
-    if step and out == []:
-        out.append(ChoiceDelta(index=0, text="", token_count=step))
+    if not choices:
+        step = usage.step(chunk.get("usage"), None)
+        if step:  # the total says more than the choices did: book the rest on choice 0
+            out.append(ChoiceDelta(index=0, text="", token_count=step))
     return out
 
 
