@@ -308,7 +308,8 @@ class VllmEngine:
         if response.status_code != 200:
             raw = await response.aread()
             await response.aclose()
-            error = error_from(response.status_code, _loads(raw))
+            prompt_param = "messages" if request.messages is not None else "prompt"
+            error = error_from(response.status_code, _loads(raw), prompt_param)
             if response.status_code == 404 and request.adapter is not None:
                 replica.adapters.discard(request.adapter)  # it restarted between two probes
                 raise self._unavailable("the fine-tuned model is being reloaded; retry shortly")

@@ -171,9 +171,9 @@ def _message_of(body: Any) -> str:
     return str(message)[:1000] if message else "the vLLM server refused the request"
 
 
-def error_from(status: int, body: Any) -> GatewayError:
-    """A vLLM error response (status, parsed JSON body or None) -> our typed error.  vLLM names the field
-    only in the message, so `param` stays what vLLM gave (a string) or None."""
+def error_from(status: int, body: Any, prompt_param: str = "messages") -> GatewayError:
+    """A vLLM error response (status, parsed JSON body or None) -> our typed error.  A context-length error
+    names our request's field (`prompt_param`); others keep vLLM's param (a string) or None."""
     message = _message_of(body)
     error = body.get("error", body) if isinstance(body, dict) else {}
     param = error.get("param") if isinstance(error, dict) and isinstance(error.get("param"), str) else None
@@ -181,7 +181,7 @@ def error_from(status: int, body: Any) -> GatewayError:
     if status == 400 and (
         "context length" in lowered or "maximum context" in lowered or "too long" in lowered
     ):
-        return ContextLengthExceeded(message, param=param or "messages")
+        return ContextLengthExceeded(message, param=prompt_param)
     if status in (400, 422):
         return InvalidRequest(message, param=param)
     if status == 404:
