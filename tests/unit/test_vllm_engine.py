@@ -366,6 +366,7 @@ def test_server_command_passes_gpu_flags_through(tmp_path: Path) -> None:
 
 def test_managed_server_is_restarted_after_it_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(server_module, "BACKOFF_FIRST", 0.05)
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", "secret")
     server = ManagedServer(
         "m", [sys.executable, "-c", "import time; time.sleep(60)"], tmp_path / "l" / "v.log"
     )
@@ -373,6 +374,7 @@ def test_managed_server_is_restarted_after_it_dies(tmp_path: Path, monkeypatch: 
     try:
         first = server.pid
         assert server.env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] == "True"
+        assert not [k for k in server.env if k.startswith("GATEWAY_")]  # no secrets of ours in vLLM's env
         assert (tmp_path / "l" / "v.log").stat().st_mode & 0o777 == 0o600
         assert server.process is not None
         server.process.kill()

@@ -79,7 +79,9 @@ class ManagedServer:
         self.name = name
         self.command = command
         self.log_path = log_path
-        self.env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env or {})}
+        # The gateway's own settings and secrets (GATEWAY_MASTER_KEY, ...) stay out of vLLM's environment.
+        inherited = {k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")}
+        self.env = {**inherited, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", **(env or {})}
         self.process: subprocess.Popen[bytes] | None = None
         self.starts = 0
         self._backoff = BACKOFF_FIRST
