@@ -178,9 +178,7 @@ def error_from(status: int, body: Any, prompt_param: str = "messages") -> Gatewa
     error = body.get("error", body) if isinstance(body, dict) else {}
     param = error.get("param") if isinstance(error, dict) and isinstance(error.get("param"), str) else None
     lowered = message.lower()
-    if status == 400 and (
-        "context length" in lowered or "maximum context" in lowered or "too long" in lowered
-    ):
+    if status == 400 and any(s in lowered for s in ("context length", "max_model_len", "too long")):
         return ContextLengthExceeded(message, param=prompt_param)
     if status in (400, 422):
         return InvalidRequest(message, param=param)
