@@ -8,6 +8,7 @@ then, or "stop" when `stop_after` is set.  Every request body it got is kept in 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,6 +28,7 @@ class FakeVllm:
     error: tuple[int, str] | None = None  # answer every generation request with this (status, message)
     stop_after: int | None = None
     down: bool = False  # refuse connections (the process is gone)
+    dies_mid_stream: bool = False  # send the first chunks, then the connection breaks
 
     def transport(self) -> httpx.MockTransport:
         return httpx.MockTransport(self.handle)
@@ -59,9 +61,10 @@ class FakeVllm:
                 return _error(*self.error)
             if body["model"] != self.model and body["model"] not in self.adapters:
                 return _error(404, f"The model `{body['model']}` does not exist.")
-            return httpx.Response(
-                200, content=self._sse(body, chat=path.endswith("chat/completions")), headers=_SSE
-            )
+            sse = self._sse(body, chat=path.endswith("chat/completions"))
+            if self.dies_mid_stream:
+                return httpx.Response(200, stream=_Broken(sse[: len(sse) // 2]), headers=_SSE)
+            return httpx.Response(200, content=sse, headers=_SSE)
         return _error(404, "Not Found")
 
     def _sse(self, body: dict[str, Any], *, chat: bool) -> bytes:
@@ -104,6 +107,21 @@ class FakeVllm:
 
 
 _SSE = {"content-type": "text/event-stream"}
+
+
+class _Broken(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """Some bytes, then the connection breaks (the vLLM process was killed mid-stream)."""
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.head
+        raise httpx.ReadError("connection reset")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield self.head
+        raise httpx.ReadError("connection reset")
 
 
 def _chat(index: int, delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:

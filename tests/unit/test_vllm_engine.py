@@ -169,6 +169,16 @@ def test_unreachable_replica_is_taken_out_and_the_next_serves(fleet: Fleet) -> N
     assert engine.pool.replicas[0].healthy and engine.restarts == 1
 
 
+def test_a_stream_that_breaks_is_a_503_and_takes_the_replica_out(fleet: Fleet) -> None:
+    engine = _engine(fleet)
+    fleet.replicas[0].dies_mid_stream = True
+    with pytest.raises(EngineUnavailable, match="went away mid-stream"):
+        asyncio.run(_drain(engine, _chat(max_tokens=4)))
+    assert not engine.pool.replicas[0].healthy and engine.pool.in_flight() == 0
+    deltas, _ = asyncio.run(_drain(engine, _chat(max_tokens=1)))  # the other replica serves
+    assert deltas and len(fleet.replicas[1].requests) == 1
+
+
 def test_none_healthy_is_503_with_retry_after(fleet: Fleet) -> None:
     engine = _engine(fleet, retry_after=7)
     for replica in fleet.replicas:
