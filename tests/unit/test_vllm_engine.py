@@ -5,8 +5,11 @@ serving chat through it.  The real vLLM is exercised in tests/e2e/test_vllm.py."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -328,6 +331,38 @@ def test_app_fine_tuned_model_hot_loads_and_stays_with_its_tenant(served: Served
     engine.probe()
     assert client.post("/v1/chat/completions", json=body, headers=headers).status_code == 200
     assert model_id in fleet.replicas[0].adapters
+
+
+def test_app_encrypted_adapter_is_plaintext_only_while_vllm_loads_it(served: Served, tmp_path: Path) -> None:
+    client, app, tenant, fleet = served
+    registry = services_of(app).registry
+    seen: list[tuple[Path, bool]] = []
+    handle = fleet.replicas[0].handle
+
+    def watching(request: Any) -> Any:  # what vLLM finds at lora_path while it loads
+        if request.url.path == "/v1/load_lora_adapter":
+            path = Path(json.loads(request.content)["lora_path"])
+            seen.append((path, (path / "adapter_config.json").is_file()))
+        return handle(request)
+
+    fleet.replicas[0].handle = watching  # type: ignore[method-assign]
+
+    @contextlib.contextmanager
+    def decrypting(stored: Path) -> Iterator[Path]:  # as FineTunedModels.open_adapter does
+        plain = Path(tempfile.mkdtemp(dir=tmp_path))
+        (plain / "adapter_config.json").write_text("{}")
+        try:
+            yield plain
+        finally:
+            shutil.rmtree(plain)
+
+    registry.adapter_opener = decrypting
+    model_id = f"ft:{BASE}:acme::enc00001"
+    registry.register_adapter(model_id, base=BASE, tenant="acme", path=tmp_path / "sealed", created=1)
+    body = {"model": model_id, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    assert client.post("/v1/chat/completions", json=body, headers=tenant("acme")).status_code == 200
+    assert len(seen) == 1 and seen[0][1]  # readable while vLLM loaded it ...
+    assert not seen[0][0].exists()  # ... and gone right after
 
 
 # -- settings, egress, managed server ------------------------------------------------------------------
