@@ -170,6 +170,11 @@ class VllmSettings:
         600.0, "Managed mode: how long a starting vLLM server may take to answer /health before a retry."
     )
     max_lora_rank: int = _f(64, "Managed mode: largest LoRA rank vLLM accepts (--max-lora-rank).")
+    enable_lora: bool = _f(
+        True,
+        "Managed mode: start vLLM with --enable-lora, so fine-tuned models are served on it. Off decodes the "
+        "base model faster (vLLM's LoRA kernels cost every step, much on a CPU), and fine-tuned models fail.",
+    )
     api_key_file: str = _f(
         "", "File holding the API key the vLLM servers require (sent as a Bearer token); empty: none."
     )

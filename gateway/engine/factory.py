@@ -70,6 +70,7 @@ def build_vllm_engine(settings: Settings, name: str) -> Engine:
             max_lora_rank=v.max_lora_rank,
             tensor_parallel_size=v.tensor_parallel_size,
             default_max_tokens=settings.engine.default_max_tokens,
+            enable_lora=v.enable_lora,
             extra=v.args,
         )
         env = {"VLLM_API_KEY": api_key} if api_key else {}

@@ -407,6 +407,11 @@ def test_server_command_passes_gpu_flags_through(tmp_path: Path) -> None:
     flags += ["--max-cpu-loras 4", "--gpu-memory-utilization 0.9", f"--served-model-name {BASE}"]
     assert [flag for flag in flags if flag not in joined] == []
     assert "--enable-log-requests" not in joined  # prompts never reach vLLM's logs
+    off = server_command(
+        "py", tmp_path, BASE, port=1, max_model_len=1, max_loras=1, max_lora_rank=1,
+        tensor_parallel_size=1, default_max_tokens=1, enable_lora=False,
+    )  # fmt: skip
+    assert not [arg for arg in off if "lora" in arg]
 
 
 def test_managed_server_is_restarted_after_it_dies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

