@@ -69,7 +69,6 @@ def build_vllm_engine(settings: Settings, name: str) -> Engine:
             max_loras=settings.engine.max_adapters,
             max_lora_rank=v.max_lora_rank,
             tensor_parallel_size=v.tensor_parallel_size,
-            default_max_tokens=settings.engine.default_max_tokens,
             enable_lora=v.enable_lora,
             extra=v.args,
         )
@@ -83,6 +82,7 @@ def build_vllm_engine(settings: Settings, name: str) -> Engine:
         api_key=api_key,
         max_model_len=settings.models.max_model_len,
         max_adapters=settings.engine.max_adapters,
+        default_max_tokens=settings.engine.default_max_tokens,
         health_interval=v.health_interval_seconds,
         connect_timeout=v.connect_timeout_seconds,
         retry_after=v.retry_after_seconds,

@@ -93,9 +93,7 @@ def test_request_body_carries_our_sampling_fields() -> None:
         GenerationRequest("r", BASE, prompt="p", sampling=SamplingParams(logprobs=True, top_logprobs=1)), "m"
     )
     assert legacy["prompt"] == "p" and legacy["logprobs"] == 1 and "messages" not in legacy
-    assert "max_tokens" not in request_body(
-        _chat(), "m"
-    )  # None: vLLM's default (the managed server's is ours)
+    assert request_body(_chat(), "m", 300)["max_tokens"] == 300  # None: our default; vLLM shortens it
 
 
 def test_chat_stream_text_usage_and_finish(fleet: Fleet) -> None:
@@ -145,6 +143,17 @@ def test_vllm_errors_become_ours_with_string_codes(
 
 
 # -- the replica pool ----------------------------------------------------------------------------------
+
+
+def test_max_tokens_past_the_context_is_refused_as_on_the_local_engine(fleet: Fleet) -> None:
+    for replica in fleet.replicas:
+        replica.max_model_len = PROMPT_TOKENS + 4  # read from /v1/models
+    engine = _engine(fleet)  # vLLM would shorten max_tokens to fit: we refuse it, as OpenAI does
+    with pytest.raises(ContextLengthExceeded) as raised:
+        asyncio.run(_drain(engine, _chat(max_tokens=5)))
+    assert raised.value.param == "messages" and engine.pool.in_flight() == 0
+    deltas, _ = asyncio.run(_drain(engine, _chat(max_tokens=4)))
+    assert sum(d.token_count for d in deltas) == 4
 
 
 def test_least_loaded_replica_gets_the_request(fleet: Fleet) -> None:
@@ -399,7 +408,7 @@ def test_build_remote_engine_from_settings() -> None:
 def test_server_command_passes_gpu_flags_through(tmp_path: Path) -> None:
     command = server_command(
         "py", tmp_path, BASE, port=8601, max_model_len=1024, max_loras=4, max_lora_rank=16,
-        tensor_parallel_size=2, default_max_tokens=512, extra=["--gpu-memory-utilization", "0.9"],
+        tensor_parallel_size=2, extra=["--gpu-memory-utilization", "0.9"],
     )  # fmt: skip
     assert command[:3] == ["py", "-m", "vllm.entrypoints.openai.api_server"]
     joined = " ".join(command)
@@ -409,7 +418,7 @@ def test_server_command_passes_gpu_flags_through(tmp_path: Path) -> None:
     assert "--enable-log-requests" not in joined  # prompts never reach vLLM's logs
     off = server_command(
         "py", tmp_path, BASE, port=1, max_model_len=1, max_loras=1, max_lora_rank=1,
-        tensor_parallel_size=1, default_max_tokens=1, enable_lora=False,
+        tensor_parallel_size=1, enable_lora=False,
     )  # fmt: skip
     assert not [arg for arg in off if "lora" in arg]
 

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import structlog
 
-from gateway.core.errors import EngineUnavailable, InvalidRequest, NotFound
+from gateway.core.errors import ContextLengthExceeded, EngineUnavailable, InvalidRequest, NotFound
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.engine.vllm.pool import Replica, ReplicaPool
 from gateway.engine.vllm.server import ManagedServer
@@ -44,28 +44,44 @@ class _Stream:
         self._engine = engine
         self._replica = replica
         self._response = response
+        self._lines = response.aiter_lines()
         self._usage = UsageCounter()
+        self._first: list[ChoiceDelta] = []
         self.prompt_tokens = 0
         self._closed = False
 
-    async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
+    async def prime(self) -> None:
+        """Read up to vLLM's first chunk, which carries the prompt's token count (see VllmEngine._open)."""
+        async for deltas in self._chunks():
+            self._first = deltas
+            return
+
+    async def _chunks(self) -> AsyncIterator[list[ChoiceDelta]]:
         try:
-            async for line in self._response.aiter_lines():
+            async for line in self._lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
-                    break
+                    return
                 try:
                     chunk = json.loads(data)
                 except ValueError:
                     raise self._engine.lost(self._replica, "sent a malformed chunk") from None
                 deltas = deltas_of(chunk, self._usage)
                 self.prompt_tokens = self._usage.prompt_tokens
-                for delta in deltas:
-                    yield delta
+                yield deltas
         except httpx.TransportError:
             raise self._engine.lost(self._replica, "went away mid-stream") from None
+
+    async def __aiter__(self) -> AsyncIterator[ChoiceDelta]:
+        try:
+            for delta in self._first:
+                yield delta
+            self._first = []
+            async for deltas in self._chunks():
+                for delta in deltas:
+                    yield delta
         finally:
             await self.aclose()
 
@@ -87,6 +103,7 @@ class VllmEngine:
         api_key: str = "",
         max_model_len: int = 2048,
         max_adapters: int = 8,
+        default_max_tokens: int = 512,
         health_interval: float = 2.0,
         connect_timeout: float = 5.0,
         retry_after: int = 5,
@@ -99,6 +116,7 @@ class VllmEngine:
         self.pool = pool
         self.server = server
         self.max_adapters = max_adapters
+        self.default_max_tokens = default_max_tokens
         self.health_interval = health_interval
         self.retry_after = retry_after
         self.startup_timeout = startup_timeout
@@ -283,7 +301,7 @@ class VllmEngine:
                 self._adapters.move_to_end(request.adapter)
         if request.messages is None and not request.prompt:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        body = request_body(request, request.adapter or self.model_name)
+        body = request_body(request, request.adapter or self.model_name, self.default_max_tokens)
         tried: set[str] = set()
         while True:
             replica = self.pool.pick(request.adapter, frozenset(tried))
@@ -316,7 +334,24 @@ class VllmEngine:
             if response.status_code >= 500:
                 self.failed_requests += 1
             raise error
-        return _Stream(self, replica, response)
+        stream = _Stream(self, replica, response)
+        try:
+            await stream.prime()
+        except BaseException:
+            await response.aclose()
+            raise
+        # vLLM shortens a max_tokens that does not fit the context; the local engine (and OpenAI) refuse it
+        wanted = request.sampling.max_tokens
+        prompt = stream.prompt_tokens
+        if wanted is not None and prompt + wanted > self.max_model_len:
+            await response.aclose()
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
+                f"{prompt + wanted} tokens ({prompt} in the messages, {wanted} in the completion). Please "
+                "reduce the length of the messages or completion.",
+                param="messages" if request.messages is not None else "prompt",
+            )
+        return stream
 
 
 def _loads(raw: bytes) -> Any:

@@ -36,7 +36,6 @@ def server_command(
     max_loras: int,
     max_lora_rank: int,
     tensor_parallel_size: int,
-    default_max_tokens: int,
     enable_lora: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
@@ -61,9 +60,6 @@ def server_command(
         *(lora if enable_lora else []),
         "--tensor-parallel-size",
         str(tensor_parallel_size),
-        # a request with no max_tokens gets the same default as on the local engine
-        "--override-generation-config",
-        f'{{"max_new_tokens": {default_max_tokens}}}',
         "--disable-uvicorn-access-log",
         *extra,
     ]

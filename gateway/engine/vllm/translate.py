@@ -27,8 +27,12 @@ def path_of(request: GenerationRequest) -> str:
     return "/v1/chat/completions" if request.messages is not None else "/v1/completions"
 
 
-def request_body(request: GenerationRequest, served_name: str) -> dict[str, Any]:
-    """The vLLM body for `request`; `served_name` is the base model's or the adapter's name there."""
+def request_body(
+    request: GenerationRequest, served_name: str, default_max_tokens: int = 512
+) -> dict[str, Any]:
+    """The vLLM body for `request`; `served_name` is the base model's or the adapter's name there.  With no
+    max_tokens it asks for `default_max_tokens`, which vLLM shortens to the context left: min(default, room),
+    as on the local engine.  (vLLM's --override-generation-config max_new_tokens would cap every request.)"""
     s = request.sampling
     body: dict[str, Any] = {
         "model": served_name,
@@ -49,8 +53,7 @@ def request_body(request: GenerationRequest, served_name: str) -> dict[str, Any]
         body["prompt"] = request.prompt or ""
         if s.logprobs:
             body["logprobs"] = s.top_logprobs
-    if s.max_tokens is not None:
-        body["max_tokens"] = s.max_tokens
+    body["max_tokens"] = s.max_tokens if s.max_tokens is not None else default_max_tokens
     if s.seed is not None:
         body["seed"] = s.seed
     if s.stop:
