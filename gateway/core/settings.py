@@ -34,6 +34,7 @@ __all__ = [
     "QuotaSettings",
     "ServerSettings",
     "Settings",
+    "VllmSettings",
     "load_settings",
 ]
 
@@ -41,6 +42,7 @@ DEFAULT_MODEL = EMBEDDED_MODEL
 METRICS_ACCESS = ("loopback", "token", "public")
 MISSING_TENANT = ("reject", "subject")
 QUANTIZATION = ("auto", "int4", "int8", "none")
+BACKENDS = ("local", "vllm")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
 _RETIRED = {
@@ -125,12 +127,68 @@ class EngineSettings:
     quantized_max_rows: int = _f(
         16, "Largest step (rows) the quantized copy serves; larger use dense ones (crossover ~20 rows here)."
     )
+    backend: str = _f(
+        "local",
+        "Which engine serves the base models: local (the gateway's own, in-process) or vllm (vLLM OpenAI "
+        "servers, managed by the gateway or remote: see [vllm]).",
+    )
+    backends: dict[str, str] = _f(
+        {}, "Per base model: name -> local or vllm, overriding engine.backend for that model."
+    )
 
     def __post_init__(self) -> None:
         if self.quantization not in QUANTIZATION:
             raise ValueError(
                 f"engine.quantization must be one of {', '.join(QUANTIZATION)}, not {self.quantization!r}"
             )
+        for name, backend in {"engine.backend": self.backend, **self.backends}.items():
+            if backend not in BACKENDS:
+                raise ValueError(f"backend of {name} must be one of {', '.join(BACKENDS)}, not {backend!r}")
+
+    def backend_of(self, model: str) -> str:
+        """local or vllm for base model `model`."""
+        return self.backends.get(model, self.backend)
+
+
+@dataclass(frozen=True)
+class VllmSettings:
+    replicas: dict[str, list[str]] = _f(
+        {},
+        "Remote mode, per base model: name -> vLLM server URLs (http://host:port) serving that model under "
+        "the same name; the least-loaded healthy one gets each request. Their hosts pass the egress guard. "
+        "A vllm-backed model not listed here is managed: the gateway starts its vLLM server itself.",
+    )
+    python: str = _f(
+        ".venv-vllm/bin/python",
+        "Managed mode: the Python of the environment vLLM is installed in (`make vllm` makes .venv-vllm).",
+    )
+    port: int = _f(8600, "Managed mode: loopback port of the first managed vLLM server; the next models +1.")
+    tensor_parallel_size: int = _f(1, "Managed mode: GPUs one model is split over (--tensor-parallel-size).")
+    args: list[str] = _f(
+        [],
+        "Managed mode: more vLLM server arguments, passed through as given (e.g. --gpu-memory-utilization "
+        "0.9 --max-num-seqs 256). Space-separated in the environment.",
+    )
+    startup_timeout_seconds: float = _f(
+        600.0, "Managed mode: how long a starting vLLM server may take to answer /health before a retry."
+    )
+    max_lora_rank: int = _f(64, "Managed mode: largest LoRA rank vLLM accepts (--max-lora-rank).")
+    enable_lora: bool = _f(
+        True,
+        "Managed mode: start vLLM with --enable-lora, so fine-tuned models are served on it. Off decodes the "
+        "base model faster (vLLM's LoRA kernels cost every step, much on a CPU), and fine-tuned models fail.",
+    )
+    api_key_file: str = _f(
+        "", "File holding the API key the vLLM servers require (sent as a Bearer token); empty: none."
+    )
+    health_interval_seconds: float = _f(
+        2.0, "How often each replica's /health is probed; a failed one is re-probed as often."
+    )
+    connect_timeout_seconds: float = _f(5.0, "Connecting to a replica; past it the replica is taken out.")
+    retry_after_seconds: int = _f(5, "Retry-After of the 503 answered while no replica is healthy.")
+
+    def remote(self, model: str) -> bool:
+        return model in self.replicas
 
 
 @dataclass(frozen=True)
@@ -297,6 +355,7 @@ class Settings:
     audit: AuditSettings = field(default_factory=AuditSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    vllm: VllmSettings = field(default_factory=VllmSettings)
 
     @property
     def data_path(self) -> Path:

@@ -1,25 +1,30 @@
-"""Settings -> a started engine for one base model.  The one place that knows which backend serves a model,
-so a second backend joins here and nowhere else."""
+"""Settings -> a started engine for one base model.  The one place that knows which backend serves a model
+(engine.backend / engine.backends: local or vllm), so a backend joins here and nowhere else."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from contracts.base_models import prepare
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
 
-__all__ = ["EngineFactory", "build_engine"]
+__all__ = ["EngineFactory", "build_engine", "build_vllm_engine"]
 
 EngineFactory = Callable[[str], Engine]
 
 
 def build_engine(settings: Settings, name: str) -> Engine:
-    """Prepare (convert once if GGUF) and start the local engine for base model `name`.  Blocking."""
+    """Prepare (convert once if GGUF) and start the engine for base model `name`.  Blocking."""
+    if settings.engine.backend_of(name) == "vllm":
+        engine = build_vllm_engine(settings, name)
+        engine.start()
+        return engine
     from gateway.engine.local.engine import LocalEngine  # imports torch: only when an engine is built
 
     source = settings.models.sources()[name]
-    engine = LocalEngine(
+    local = LocalEngine(
         name,
         lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
         dtype=settings.models.dtype,
@@ -33,5 +38,53 @@ def build_engine(settings: Settings, name: str) -> Engine:
         quantization=settings.engine.quantization,
         quantized_max_rows=settings.engine.quantized_max_rows,
     )
-    engine.start()
-    return engine
+    local.start()
+    return local
+
+
+def build_vllm_engine(settings: Settings, name: str) -> Engine:
+    """The vLLM engine for `name` (not started): remote replicas when vllm.replicas lists the model, else a
+    managed server on loopback, one port per vllm-backed base model in configuration order."""
+    from gateway.engine.vllm.engine import VllmEngine
+    from gateway.engine.vllm.pool import ReplicaPool
+    from gateway.engine.vllm.server import ManagedServer, server_command
+
+    v = settings.vllm
+    api_key = Path(v.api_key_file).read_text().strip() if v.api_key_file else ""
+    server = None
+    if v.remote(name):
+        urls = v.replicas[name]
+    else:
+        managed = [
+            m for m in settings.models.names() if settings.engine.backend_of(m) == "vllm" and not v.remote(m)
+        ]
+        port = v.port + managed.index(name)
+        model_dir = prepare(name, settings.models.sources()[name], settings.data_path)
+        command = server_command(
+            v.python,
+            model_dir,
+            name,
+            port=port,
+            max_model_len=settings.models.max_model_len,
+            max_loras=settings.engine.max_adapters,
+            max_lora_rank=v.max_lora_rank,
+            tensor_parallel_size=v.tensor_parallel_size,
+            enable_lora=v.enable_lora,
+            extra=v.args,
+        )
+        env = {"VLLM_API_KEY": api_key} if api_key else {}
+        server = ManagedServer(name, command, settings.data_path / "logs" / f"vllm-{name}.log", env)
+        urls = [f"http://127.0.0.1:{port}"]
+    return VllmEngine(
+        name,
+        ReplicaPool(urls),
+        server=server,
+        api_key=api_key,
+        max_model_len=settings.models.max_model_len,
+        max_adapters=settings.engine.max_adapters,
+        default_max_tokens=settings.engine.default_max_tokens,
+        health_interval=v.health_interval_seconds,
+        connect_timeout=v.connect_timeout_seconds,
+        retry_after=v.retry_after_seconds,
+        startup_timeout=v.startup_timeout_seconds,
+    )

@@ -36,13 +36,14 @@ import threading
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlsplit
 
 import structlog
 
 from gateway.core.settings import Settings
 from gateway.security import egress_hook as audit_hook
 
-__all__ = ["EgressBlocked", "EgressGuard", "install_from_settings", "parse_allow"]
+__all__ = ["EgressBlocked", "EgressGuard", "install_from_settings", "parse_allow", "vllm_hosts"]
 
 log = structlog.get_logger(__name__)
 
@@ -293,13 +294,28 @@ class EgressGuard:
         self.uninstall()
 
 
+def vllm_hosts(settings: Settings) -> list[str]:
+    """The hosts of the configured remote vLLM replicas (vllm.replicas) of vllm-backed models: only these
+    pass the guard for them, nothing else those URLs could resolve to."""
+    hosts = []
+    for model, urls in settings.vllm.replicas.items():
+        if settings.engine.backend_of(model) != "vllm":
+            continue
+        for url in urls:
+            host = urlsplit(url).hostname
+            if not host:
+                raise ValueError(f"vllm.replicas[{model!r}]: {url!r} has no host (want http://host:port)")
+            hosts.append(host.lower().rstrip("."))
+    return hosts
+
+
 def install_from_settings(settings: Settings) -> EgressGuard | None:
     """Install the guard when privacy.block_egress is on (the default); None when it is off."""
     privacy = settings.privacy
     if not privacy.block_egress:
         log.warning("egress.guard_disabled")
         return None
-    allow = list(privacy.egress_allow)
+    allow = list(privacy.egress_allow) + vllm_hosts(settings)
     bind = settings.server.host.strip().lower().rstrip(".")
     if bind not in BIND_ONLY and bind not in LOCAL_NAMES and _ip(bind) is None:
         allow.append(bind)  # uvicorn resolves a bind address given by name; it is this host
