@@ -153,3 +153,28 @@ def test_wire_shapes_for_calls_streamed_and_not() -> None:
     message, finish = final_message(text, legacy, "stop")
     assert finish == "function_call" and message.function_call is not msgspec.UNSET
     assert message.tool_calls is msgspec.UNSET
+
+
+def test_tool_call_shapes_match_the_spec() -> None:
+    from tests.spec import validate
+
+    plan = plan_for(_req(tools=[WEATHER], tool_choice="required"))
+    text = '[{"name": "get_weather", "arguments": {"city": "Oslo"}}]'
+    message, finish = final_message(text, plan, "stop")
+    body = p.ChatCompletion(
+        id="chatcmpl-1",
+        created=1,
+        model="m",
+        choices=[p.Choice(index=0, message=message, logprobs=None, finish_reason=finish)],
+        usage=p.Usage(prompt_tokens=1, completion_tokens=2, total_tokens=3),
+    )
+    validate("CreateChatCompletionResponse", msgspec.to_builtins(body))
+    choice = StreamedChoice(0, plan)
+    for i in range(0, len(text), 7):
+        for item in choice.feed(text[i : i + 7], None, "stop" if i + 7 >= len(text) else None):
+            chunk = p.ChatCompletionChunk(id="chatcmpl-1", created=1, model="m", choices=[item])
+            validate("CreateChatCompletionStreamResponse", msgspec.to_builtins(chunk))
+    legacy = plan_for(_req(functions=[WEATHER["function"]], function_call={"name": "get_weather"}))
+    message, finish = final_message(text, legacy, "stop")
+    body.choices = [p.Choice(index=0, message=message, logprobs=None, finish_reason=finish)]
+    validate("CreateChatCompletionResponse", msgspec.to_builtins(body))
