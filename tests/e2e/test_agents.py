@@ -83,9 +83,7 @@ def _chat_model(gateway: Gateway, **kw: Any) -> ChatOpenAI:
         base_url=gateway.base_url,
         api_key=gateway.token(),  # type: ignore[arg-type]
         http_client=httpx.Client(verify=gateway.verify(), timeout=180),
-        temperature=0,
-        max_tokens=200,
-        **kw,
+        **{"temperature": 0, "max_tokens": 200, **kw},
     )
 
 
@@ -162,7 +160,7 @@ def test_a_schema_that_cannot_be_enforced_is_a_400(gateway: Gateway, response_fo
         "messages": [{"role": "user", "content": "hi"}],
         "response_format": response_format,
     }
-    with gateway.client() as http:
+    with gateway.client(gateway.token()) as http:
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 400, response.text
     error = response.json()["error"]
@@ -204,7 +202,10 @@ def test_named_tool_call_streams_id_name_then_arguments(gateway: Gateway) -> Non
         "stream_options": {"include_usage": True},
     }
     chunks = []
-    with gateway.client() as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
+    with (
+        gateway.client(gateway.token()) as http,
+        http.stream("POST", "/v1/chat/completions", json=body) as response,
+    ):
         assert response.status_code == 200
         for line in response.iter_lines():
             if line.startswith("data: ") and line != "data: [DONE]":
@@ -235,6 +236,7 @@ def test_sdk_stream_accumulates_tool_calls(client: openai.OpenAI) -> None:
         messages=[{"role": "user", "content": "What is the weather in Oslo?"}],
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice="required",
+        parallel_tool_calls=False,  # greedy, a small model repeats its call until the budget ends
         temperature=0,
         max_tokens=150,
     ) as stream:
@@ -286,7 +288,7 @@ def test_legacy_functions_answer_with_function_call(gateway: Gateway) -> None:
         "temperature": 0,
         "max_tokens": 120,
     }
-    with gateway.client() as http:
+    with gateway.client(gateway.token()) as http:
         response = http.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     validate("CreateChatCompletionResponse", response.json())
@@ -305,7 +307,7 @@ def test_bad_tool_requests_are_400(gateway: Gateway) -> None:
           "tool_choice": "required"}, "tools"),
         ({"messages": [{"role": "tool", "content": "x"}]}, "messages[0].tool_call_id"),
     ]  # fmt: skip
-    with gateway.client() as http:
+    with gateway.client(gateway.token()) as http:
         for extra, param in cases:
             response = http.post("/v1/chat/completions", json={**base, **extra})
             assert response.status_code == 400, response.text
@@ -329,7 +331,7 @@ def test_langchain_bind_tools_any_and_an_agent_loop(gateway: Gateway) -> None:
         return a * b
 
     llm = _chat_model(gateway)
-    forced = llm.bind_tools([multiply], tool_choice="any")
+    forced = llm.bind_tools([multiply], tool_choice="any", parallel_tool_calls=False)
     question = HumanMessage("What is 6 times 7? Use the multiply tool.")
     first = forced.invoke([question])
     assert first.tool_calls and first.tool_calls[0]["name"] == "multiply"
