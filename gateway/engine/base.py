@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 __all__ = [
     "ChatMessage",
@@ -20,6 +20,7 @@ __all__ = [
     "FinishReason",
     "GenerationRequest",
     "GenerationStream",
+    "Grammar",
     "SamplingParams",
     "TokenLogprob",
 ]
@@ -31,6 +32,19 @@ FinishReason = Literal["stop", "length"]
 class ChatMessage:
     role: str
     content: str
+    tool_calls: tuple[dict[str, Any], ...] = ()  # an assistant's calls: {"id", "type", "function": {...}}
+    tool_call_id: str | None = None  # a tool message: the call it answers
+    name: str | None = None
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """Structured output, enforced token by token (constrained decoding): the engine masks every token that
+    would leave the grammar, so the text always parses.  `schema` is a JSON Schema as JSON text; `kind`
+    "json_object" is any JSON object.  The engine refuses (InvalidRequest) a schema it cannot enforce."""
+
+    kind: Literal["json_schema", "json_object"]
+    schema: str = ""
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,8 @@ class GenerationRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     n: int = 1
     adapter: str | None = None
+    grammar: Grammar | None = None
+    tools: tuple[dict[str, Any], ...] = ()  # function definitions, rendered into the prompt (chat only)
 
 
 @dataclass(frozen=True)

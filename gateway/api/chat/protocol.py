@@ -13,6 +13,7 @@ __all__ = [
     "ChatCompletion",
     "ChatCompletionChunk",
     "ChatCompletionRequest",
+    "ChatFinishReason",
     "ChatMessageIn",
     "Choice",
     "ChoiceLogprobs",
@@ -22,10 +23,20 @@ __all__ = [
     "CompletionLogprobs",
     "CompletionRequest",
     "Delta",
+    "FunctionCall",
+    "FunctionCallDelta",
+    "FunctionDefinition",
+    "FunctionName",
+    "JSONSchemaFormat",
+    "NamedToolChoice",
+    "ResponseFormat",
     "ResponseMessage",
     "SamplingRequest",
     "StreamOptions",
     "TokenLogprob",
+    "Tool",
+    "ToolCall",
+    "ToolCallDelta",
     "TopLogprob",
     "Usage",
 ]
@@ -41,6 +52,40 @@ class ChatMessageIn(Struct, kw_only=True):
     name: str | UnsetType = UNSET
     tool_call_id: str | UnsetType = UNSET
     tool_calls: list[dict[str, Any]] | UnsetType = UNSET
+    function_call: dict[str, Any] | UnsetType | None = UNSET  # deprecated: an assistant's one call
+
+
+class JSONSchemaFormat(Struct, kw_only=True):
+    name: Annotated[str, Meta(min_length=1, max_length=64)]
+    description: str | UnsetType = UNSET
+    schema: dict[str, Any] | UnsetType = UNSET
+    strict: bool | None = None
+
+
+class ResponseFormat(Struct, kw_only=True):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | UnsetType = UNSET
+
+
+class FunctionDefinition(Struct, kw_only=True):
+    name: Annotated[str, Meta(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | UnsetType = UNSET
+    parameters: dict[str, Any] | UnsetType = UNSET
+    strict: bool | None = None
+
+
+class Tool(Struct, kw_only=True):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(Struct, kw_only=True):
+    name: str
+
+
+class NamedToolChoice(Struct, kw_only=True):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class StreamOptions(Struct, kw_only=True):
@@ -71,6 +116,12 @@ class ChatCompletionRequest(SamplingRequest, kw_only=True):
     max_completion_tokens: Annotated[int, Meta(ge=1)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[FunctionDefinition] | None = None  # deprecated by OpenAI, still sent by old clients
+    function_call: Literal["none", "auto"] | FunctionName | None = None
 
 
 class TopLogprob(Struct):
@@ -97,17 +148,33 @@ class Usage(Struct):
     total_tokens: int
 
 
+class FunctionCall(Struct):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(Struct):
+    id: str
+    function: FunctionCall
+    type: Literal["function"] = "function"
+
+
 class ResponseMessage(Struct):
     role: Literal["assistant"]
     content: str | None
     refusal: None = None
+    tool_calls: list[ToolCall] | UnsetType = UNSET
+    function_call: FunctionCall | UnsetType = UNSET
+
+
+ChatFinishReason = Literal["stop", "length", "tool_calls", "function_call"]
 
 
 class Choice(Struct):
     index: int
     message: ResponseMessage
     logprobs: ChoiceLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: ChatFinishReason
 
 
 class ChatCompletion(Struct):
@@ -120,16 +187,30 @@ class ChatCompletion(Struct):
     system_fingerprint: str | UnsetType = UNSET
 
 
+class FunctionCallDelta(Struct, omit_defaults=True):
+    name: str | UnsetType = UNSET
+    arguments: str | UnsetType = UNSET
+
+
+class ToolCallDelta(Struct, omit_defaults=True):
+    index: int
+    id: str | UnsetType = UNSET
+    type: Literal["function"] | UnsetType = UNSET
+    function: FunctionCallDelta | UnsetType = UNSET
+
+
 class Delta(Struct, omit_defaults=True):
     role: Literal["assistant"] | UnsetType = UNSET
     content: str | UnsetType = UNSET
+    tool_calls: list[ToolCallDelta] | UnsetType = UNSET
+    function_call: FunctionCallDelta | UnsetType = UNSET
 
 
 class ChunkChoice(Struct):
     index: int
     delta: Delta
     logprobs: ChoiceLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(Struct):

@@ -13,6 +13,8 @@ import structlog
 
 from gateway.api.chat import protocol as p
 from gateway.api.chat.streams import MergedStream
+from gateway.api.chat.structured import Plan, plan_for
+from gateway.api.chat.tool_output import StreamedChoice, final_message
 from gateway.api.models.registry import ModelEntry, ModelRegistry
 from gateway.auth.quotas import TokenBudget
 from gateway.core.errors import GatewayError, InvalidRequest
@@ -121,6 +123,7 @@ class ChatService:
     ) -> p.ChatCompletion | AsyncIterator[bytes]:
         if req.top_logprobs and not req.logprobs:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
+        plan = plan_for(req)
         gen = await self._generate(
             req,
             principal,
@@ -130,8 +133,11 @@ class ChatService:
             logprobs=bool(req.logprobs),
             top_logprobs=req.top_logprobs or 0,
             messages=tuple(_message(i, m) for i, m in enumerate(req.messages)),
+            plan=plan,
         )
         completion_id = f"chatcmpl-{uuid.uuid4().hex}"
+        if plan.tool_mode != "none":
+            return await self._chat_with_tools(req, plan, gen, completion_id)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
 
@@ -178,6 +184,41 @@ class ChatService:
                 for i, r in enumerate(results)
             ],
             usage=usage,
+        )
+
+    async def _chat_with_tools(
+        self, req: p.ChatCompletionRequest, plan: Plan, gen: _Generation, completion_id: str
+    ) -> p.ChatCompletion | AsyncIterator[bytes]:
+        """A request with tools: the text is parsed for calls (tool_output.py)."""
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            choices = [StreamedChoice(i, plan) for i in range(gen.n)]
+
+            def chunk(items: list[Any], usage: p.Usage | msgspec.UnsetType | None) -> bytes:
+                return _event(
+                    p.ChatCompletionChunk(
+                        id=completion_id, created=gen.created, model=req.model, choices=items, usage=usage
+                    )
+                )
+
+            def choices_for(delta: ChoiceDelta) -> list[list[Any]]:
+                logprobs = (
+                    p.ChoiceLogprobs(content=_chat_logprobs(delta.logprobs)) if delta.logprobs else None
+                )
+                return [[c] for c in choices[delta.index].feed(delta.text, logprobs, delta.finish_reason)]
+
+            opening = [
+                [p.ChunkChoice(index=i, delta=p.Delta(role="assistant", content=""))] for i in range(gen.n)
+            ]
+            return gen.sse(chunk, choices_for, include_usage=include_usage, opening=opening)
+        results, usage = await gen.collect()
+        out = []
+        for i, r in enumerate(results):
+            message, finish = final_message(r.text, plan, r.finish)
+            logprobs = p.ChoiceLogprobs(content=_chat_logprobs(r.logprobs)) if gen.sampling.logprobs else None
+            out.append(p.Choice(index=i, message=message, logprobs=logprobs, finish_reason=finish))
+        return p.ChatCompletion(
+            id=completion_id, created=gen.created, model=req.model, choices=out, usage=usage
         )
 
     # -- legacy completions ------------------------------------------------------------------------------
@@ -263,6 +304,7 @@ class ChatService:
         top_logprobs: int,
         messages: tuple[ChatMessage, ...] | None = None,
         prompts: list[str] | None = None,
+        plan: Plan | None = None,
     ) -> _Generation:
         """Resolve the model for this principal, check the sampling request and submit it to the engine:
         the chat `messages`, or each of the legacy `prompts` as its own engine request."""
@@ -285,8 +327,18 @@ class ChatService:
                     sampling=sampling,
                     n=n,
                     adapter=None if entry.is_base else entry.id,
+                    grammar=plan.grammar if plan else None,
+                    tools=plan.tools if plan else (),
                 )
                 streams.append(await engine.submit(request))
+        except InvalidRequest as exc:
+            for stream in streams:
+                await stream.aclose()
+            if plan is not None and exc.param == "response_format" and plan.grammar_param != exc.param:
+                raise InvalidRequest(
+                    exc.message.replace("JSON schema", "parameters schema"), param=plan.grammar_param
+                ) from None
+            raise
         except BaseException:  # one prompt refused (too long, queue full): abort those already queued
             for stream in streams:
                 await stream.aclose()
@@ -350,6 +402,23 @@ def _charging(on_usage: UsageSink, tokens: TokenBudget, tenant: str) -> UsageSin
         tokens.charge(tenant, prompt_tokens + completion_tokens)
 
     return usage
+def _tool_calls_in(index: int, message: p.ChatMessageIn) -> tuple[dict[str, Any], ...]:
+    """An assistant's earlier calls (tool_calls, or the deprecated function_call), checked for shape."""
+    calls = list(message.tool_calls) if message.tool_calls is not msgspec.UNSET else []
+    if isinstance(message.function_call, dict):
+        calls.append({"id": "call_legacy", "type": "function", "function": message.function_call})
+    for j, call in enumerate(calls):
+        function = call.get("function") if isinstance(call, dict) else None
+        if (
+            not isinstance(function, dict)
+            or not isinstance(function.get("name"), str)
+            or not isinstance(function.get("arguments", ""), str)
+        ):
+            raise InvalidRequest(
+                "a tool call needs function.name and function.arguments (a JSON string)",
+                param=f"messages[{index}].tool_calls[{j}]",
+            )
+    return tuple(calls)
 
 
 def _message(index: int, message: p.ChatMessageIn) -> ChatMessage:
@@ -368,7 +437,15 @@ def _message(index: int, message: p.ChatMessageIn) -> ChatMessage:
                 )
             parts.append(part["text"])
         text = "".join(parts)
-    return ChatMessage(role=_ROLE_MAP.get(message.role, message.role), content=text)
+    if message.role == "tool" and message.tool_call_id is msgspec.UNSET:
+        raise InvalidRequest("a tool message needs tool_call_id", param=f"messages[{index}].tool_call_id")
+    return ChatMessage(
+        role=_ROLE_MAP.get(message.role, message.role),
+        content=text,
+        tool_calls=_tool_calls_in(index, message) if message.role == "assistant" else (),
+        tool_call_id=message.tool_call_id if isinstance(message.tool_call_id, str) else None,
+        name=message.name if isinstance(message.name, str) else None,
+    )
 
 
 def _usage(prompt: int, completion: int) -> p.Usage:

@@ -36,7 +36,9 @@ from gateway.core.errors import (
     RateLimited,
 )
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
+from gateway.engine.local.chat_template import render_prompt
 from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
+from gateway.engine.local.grammar import GrammarCompiler, RowGrammar
 from gateway.engine.local.lora import LoraAdapter
 from gateway.engine.local.precision import resolve_dtype, resolve_quantization
 from gateway.engine.local.quantized import Scheme
@@ -119,6 +121,7 @@ class LocalEngine:
         self.quantized_max_rows = quantized_max_rows
         self.quantization: Scheme | None = None
         self.tokenizer: Any = None
+        self.grammars: GrammarCompiler | None = None  # built with the tokenizer, on the engine thread
         self._scheduler: Scheduler | None = None
         self._adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self._adapter_lock = threading.Lock()
@@ -179,10 +182,13 @@ class LocalEngine:
         model_dir = self.model_dir = source if isinstance(source, Path) else source()
         self.tokenizer = load_tokenizer(model_dir)
         self._max_chars_per_token = _longest_token_chars(self.tokenizer)
+        runner = self._build_runner(model_dir)
+        stop_ids = _stop_token_ids(self.tokenizer, model_dir)
+        self.grammars = GrammarCompiler(self.tokenizer, runner.vocab_size, stop_ids)
         return Scheduler(
-            self._build_runner(model_dir),
+            runner,
             self.tokenizer,
-            _stop_token_ids(self.tokenizer, model_dir),
+            stop_ids,
             max_running=self.max_running,
             prefill_token_budget=self.prefill_token_budget,
         )
@@ -319,15 +325,7 @@ class LocalEngine:
 
     def tokenize(self, request: GenerationRequest) -> list[int]:
         if request.messages is not None:
-            messages = [{"role": m.role, "content": m.content} for m in request.messages]
-            try:
-                encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-            except Exception as exc:  # a template that rejects a role order, for example
-                raise InvalidRequest(
-                    f"the model's chat template rejected the messages: {exc}", param="messages"
-                ) from exc
-            ids = encoded["input_ids"] if isinstance(encoded, dict) or hasattr(encoded, "keys") else encoded
-            return list(ids)
+            return render_prompt(self.tokenizer, request.messages, request.tools)
         return list(self.tokenizer(request.prompt or "", add_special_tokens=False)["input_ids"])
 
     def _reject_by_cheap_bound(self, request: GenerationRequest) -> None:
@@ -383,6 +381,10 @@ class LocalEngine:
             )
         if request.n > self.max_running:
             raise InvalidRequest(f"n must be at most {self.max_running} on this server", param="n")
+        compiled = None
+        if request.grammar is not None:
+            assert self.grammars is not None  # built before the engine accepts requests
+            compiled = await self.grammars.compile_async(request.grammar)
         assert self._scheduler is not None  # _accepting() said so
         group = Group(
             request_id=f"{request.request_id}-{next(self._ids)}",
@@ -400,7 +402,7 @@ class LocalEngine:
                 Sequence(
                     group=group,
                     index=index,
-                    sampler=SequenceSampler(params),
+                    sampler=SequenceSampler(params, grammar=RowGrammar(compiled) if compiled else None),
                     detok=IncrementalDetokenizer(self.tokenizer),
                     stops=StopMatcher(params.stop),
                 )

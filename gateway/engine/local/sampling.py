@@ -1,6 +1,8 @@
 """Next-token selection for a batch where every row has its own sampling parameters and random stream.
 
-Greedy rows (temperature 0) take one batched argmax; sampling rows each draw from their own seeded
+A row may carry a grammar (grammar.py): its logits are masked to the tokens the grammar allows before the
+penalties and the draw, and the chosen token advances its grammar.  Greedy rows (temperature 0) take one
+batched argmax; sampling rows each draw from their own seeded
 `torch.Generator`, so a request's output depends on its seed and input, not on what else shares the batch.
 """
 
@@ -12,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from gateway.engine.base import SamplingParams
+from gateway.engine.local.grammar import RowGrammar, apply_grammar_masks
 
 __all__ = ["SampleResult", "SequenceSampler", "sample_batch"]
 
@@ -23,6 +26,7 @@ class SequenceSampler:
     params: SamplingParams
     generator: torch.Generator = field(init=False)
     generated: list[int] = field(default_factory=list)
+    grammar: RowGrammar | None = None  # constrained decoding: this row's grammar state
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator()
@@ -48,6 +52,10 @@ class SampleResult:
 def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> SampleResult:
     """logits: [rows, vocab] fp32, one row per sampler."""
     raw = logits
+    grammars = [s.grammar for s in samplers]
+    if any(g is not None for g in grammars):
+        wants_raw = any(s.params.logprobs for s in samplers)
+        logits = apply_grammar_masks(logits.clone() if wants_raw else logits, grammars)
     logits = _apply_penalties(logits, samplers)
     chosen = torch.empty(len(samplers), dtype=torch.long)
     greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
@@ -60,6 +68,8 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Sampl
     token_ids = chosen.tolist()
     for sampler, token in zip(samplers, token_ids, strict=True):
         sampler.generated.append(token)
+        if sampler.grammar is not None and not sampler.grammar.done:
+            sampler.grammar.accept(token)
 
     if not any(s.params.logprobs for s in samplers):
         return SampleResult(token_ids, None, None)

@@ -262,8 +262,9 @@ class Scheduler:
             text, finish = seq.stops.flush(), "stop"
         else:
             text, hit = seq.stops.feed(seq.detok.push(token))
-            if hit:
-                finish = "stop"
+            grammar = seq.sampler.grammar
+            if hit or (grammar is not None and grammar.done):  # a constrained row ends with its grammar
+                text, finish = (text if hit else text + seq.stops.flush()), "stop"
             elif seq.generated >= seq.group.max_tokens:
                 text, finish = text + seq.stops.flush(), "length"
         logprobs = None
