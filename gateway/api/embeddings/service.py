@@ -113,12 +113,12 @@ def parse_inputs(raw: str | list[Any], max_inputs: int) -> EmbeddingInputs:
             f"input holds {len(inputs)} items; at most {max_inputs} are accepted in one request.",
             param="input",
         )
-    if all(isinstance(item, str) for item in inputs):
-        return inputs
+    strings = isinstance(inputs[0], str)  # the first item says which list this is; the others must agree
     for index, item in enumerate(inputs):
-        if not isinstance(item, list) or not all(_is_token(t) for t in item):
+        fits = isinstance(item, str) if strings else isinstance(item, list) and all(map(_is_token, item))
+        if not fits:
             raise InvalidRequest(
-                f"input must be {_SHAPES}; item {index} is none of these (or the list mixes them).",
+                f"input must be {_SHAPES}; item {index} does not fit (a list may not mix them).",
                 param="input",
             )
     return inputs
