@@ -53,6 +53,7 @@ test-e2e: $(STAMP) ## real HTTPS server + real clients
 bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESULTS.md
 	$(BIN)/python bench/bench_serving.py --write
 	$(BIN)/python bench/bench_training.py --write
+	$(BIN)/python bench/bench_embeddings.py --write
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .

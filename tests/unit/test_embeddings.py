@@ -325,3 +325,16 @@ def test_the_route_refuses_what_it_should(api: tuple[TestClient[Any], Settings])
     assert ok.status_code == 200
     vector = np.frombuffer(base64.b64decode(ok.json()["data"][0]["embedding"]), dtype="<f4")
     assert vector.shape == (8,) and abs(float(np.linalg.norm(vector)) - 1) < 1e-5
+
+
+def test_gateway_prepare_unpacks_the_embedded_model(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli.main import main
+
+    monkeypatch.setenv("GATEWAY_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("GATEWAY_MODELS__BASE", json.dumps({CHAT_MODEL: str(tiny_model_dir)}))
+    assert main(["prepare"]) == 0
+    target = tmp_path / "data" / "embedding-models" / MODEL
+    assert f"embedding model {MODEL}: {target}" in capsys.readouterr().out
+    assert read_pooling_config(target).max_seq_length == 256
