@@ -338,3 +338,18 @@ def test_gateway_prepare_unpacks_the_embedded_model(
     target = tmp_path / "data" / "embedding-models" / MODEL
     assert f"embedding model {MODEL}: {target}" in capsys.readouterr().out
     assert read_pooling_config(target).max_seq_length == 256
+
+
+def test_a_model_that_cannot_start_is_a_503_not_a_500(tmp_path: Path) -> None:
+    settings = Settings(data_dir=str(tmp_path / "data"), limits=LimitSettings(requests_per_minute=0))
+    ensure_dev_keys(settings)
+
+    def broken(name: str) -> Any:
+        raise EmbeddingModelError("no such directory")
+
+    app = create_app(settings, engines={CHAT_MODEL: FakeEngine()}, embedding_engine_factory=broken)
+    with TestClient(app) as client:
+        response = client.post(
+            "/v1/embeddings", json={"model": MODEL, "input": "hi"}, headers=_auth(settings, "embeddings")
+        )
+    assert response.status_code == 503 and response.json()["error"]["code"] == "engine_unavailable"

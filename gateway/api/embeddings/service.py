@@ -26,7 +26,7 @@ import structlog
 
 from gateway.api.embeddings.protocol import Embedding, EmbeddingList, EmbeddingRequest, EmbeddingUsage
 from gateway.api.models.registry import ModelRegistry
-from gateway.core.errors import InvalidRequest
+from gateway.core.errors import EngineUnavailable, InvalidRequest
 from gateway.core.principal import Principal
 from gateway.core.request_state import RequestState
 from gateway.engine.embeddings import EmbeddingEngine, EmbeddingInputs
@@ -53,7 +53,16 @@ class EmbeddingEngines:
             return engine
         async with self._locks.setdefault(name, asyncio.Lock()):
             if name not in self._engines:
-                self._engines[name] = await asyncio.to_thread(self._starter, name)
+                try:
+                    self._engines[name] = await asyncio.to_thread(self._starter, name)
+                except Exception as exc:  # a missing wheel or a broken directory: the operator's to fix
+                    log.error(
+                        "embedder.start_failed",
+                        model=name,
+                        error_type=type(exc).__name__,
+                        error=str(exc)[:200],
+                    )
+                    raise EngineUnavailable(f"The embedding model '{name}' could not be started.") from None
         return self._engines[name]
 
     def engines(self) -> list[EmbeddingEngine]:
