@@ -36,6 +36,7 @@ from contracts.embedding_models import (
 from tests.e2e.harness import Gateway, make_certs
 
 MODEL = EMBEDDED_EMBEDDING_MODEL
+REPO = Path(__file__).resolve().parents[1]
 SUBJECTS = ["The bank", "A patient", "The auditor", "Our contract", "The clinic", "A customer", "The policy"]
 VERBS = ["requires", "reports", "forbids", "reviews", "approves", "documents", "explains"]
 OBJECTS = [
@@ -142,7 +143,8 @@ def main() -> int:
         model_dir = prepare_embedding_model(MODEL, embedded_embedding_zip(), root / "prepared")
         base32 = baseline(model_dir, corpus, 32)
         base1 = baseline(model_dir, corpus[:64], 1)
-        chat_dir = prepare("smollm2-135m-instruct", embedded_gguf(), root / "models")  # the server needs one
+        # the server needs a chat model too: converted once into the repository's data/, as `make prepare` does
+        chat_dir = prepare("smollm2-135m-instruct", embedded_gguf(), REPO / "data")
         make_certs(root / "certs")
         gateway = Gateway(
             data_dir=root / "data",
