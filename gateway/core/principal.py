@@ -7,7 +7,16 @@ from dataclasses import dataclass
 __all__ = ["ALL_SCOPES", "Principal"]
 
 ALL_SCOPES = frozenset(
-    {"models:read", "chat", "files:read", "files:write", "fine_tuning:read", "fine_tuning:write", "admin"}
+    {
+        "models:read",
+        "chat",
+        "embeddings",
+        "files:read",
+        "files:write",
+        "fine_tuning:read",
+        "fine_tuning:write",
+        "admin",
+    }
 )
 
 

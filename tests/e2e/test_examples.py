@@ -349,7 +349,7 @@ def test_step_4_chat_sdk(shell: Shell) -> None:
     lines = result.stdout.splitlines()
     readme = recorded(4)[0].splitlines()
     assert [line.split(":", 1)[0] for line in lines] == [line.split(":", 1)[0] for line in readme]
-    assert lines[0] == readme[0] == f"models: {MODEL}"
+    assert lines[0] == readme[0] == f"models: {MODEL}, all-minilm-l6-v2"  # the chat model first
     assert shape(readme[2]).fullmatch(lines[2]), (readme[2], lines[2])  # tokens: N prompt + M completion
     assert "Paris" in lines[1] and "Paris" in lines[3]
 

@@ -185,6 +185,12 @@ class JobService:
                 param="model",
                 code="model_not_available",
             ) from None
+        if entry.kind != "chat":
+            raise InvalidRequest(
+                f"Model {model} is an embedding model; only chat models can be fine-tuned here.",
+                param="model",
+                code="model_not_available",
+            )
         if not entry.is_base:
             raise InvalidRequest(
                 f"Model {model} is a fine-tuned model; fine-tune its base model {entry.base} instead.",

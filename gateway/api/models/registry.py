@@ -1,9 +1,10 @@
 """Which model ids exist, who may see them, and which engine (and adapter) answers each.
 
-Base models are configured and visible to every caller with `models:read`.  Fine-tuned models belong to one
-tenant: another tenant gets 404 for them, exactly as if they did not exist.  An adapter is loaded into its
-engine on first use (and again after LRU eviction) under a per-name lock, so concurrent first requests load
-it once and other models are never blocked.
+Base models (chat and embedding models) are configured and visible to every caller with `models:read`; a chat
+route asked for an embedding model, or the embeddings route for a chat model, is a 400 on `model`. Fine-tuned
+models belong to one tenant: another tenant gets 404 for them, exactly as if they did not exist. An adapter is
+loaded into its engine on first use (and again after LRU eviction) under a per-name lock, so concurrent first
+requests load it once and other models are never blocked.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import structlog
 
@@ -37,6 +39,7 @@ class ModelEntry:
     base: str
     adapter_path: Path | None = None
     tenant: str | None = None  # None: a base model, visible to all
+    kind: Literal["chat", "embedding"] = "chat"  # which routes serve it
 
     @property
     def is_base(self) -> bool:
@@ -59,9 +62,11 @@ class ModelRegistry:
         engine_starter: Callable[[str], Engine] | None = None,
         base_models: list[str] | None = None,
         adapter_opener: AdapterOpener | None = None,
+        embedding_models: list[str] | None = None,
     ) -> None:
         """`engines`: started engines by base model name.  `base_models`: every configured base model (some
-        may be started lazily by `engine_starter` on first use)."""
+        may be started lazily by `engine_starter` on first use).  `embedding_models`: listed after them,
+        served by the embeddings service (gateway/api/embeddings/), never by a chat engine."""
         self._engines = dict(engines)
         self._engine_starter = engine_starter
         now = int(time.time())
@@ -69,6 +74,10 @@ class ModelRegistry:
             name: ModelEntry(id=name, created=now, owned_by="system", base=name)
             for name in (base_models or list(engines))
         }
+        for name in embedding_models or []:
+            self._entries.setdefault(
+                name, ModelEntry(id=name, created=now, owned_by="system", base=name, kind="embedding")
+            )
         self._load_locks: dict[str, asyncio.Lock] = {}
         self.adapter_opener = adapter_opener
         # Called with an unknown model id before answering 404: lets the fine-tuning store register a model
@@ -79,6 +88,18 @@ class ModelRegistry:
 
     def visible(self, principal: Principal) -> list[ModelEntry]:
         return [e for e in self._entries.values() if self._can_see(e, principal)]
+
+    def embedding_model(self, model_id: str, principal: Principal) -> ModelEntry:
+        """The entry of an embedding model; a chat model here is a 400 that says so."""
+        entry = self.get(model_id, principal)
+        if entry.kind != "embedding":
+            raise InvalidRequest(
+                f"The model '{model_id}' is a chat model and does not serve embeddings; use one of: "
+                f"{', '.join(e.id for e in self._entries.values() if e.kind == 'embedding') or '(none)'}.",
+                param="model",
+                code="model_not_supported",
+            )
+        return entry
 
     def get(self, model_id: str, principal: Principal) -> ModelEntry:
         entry = self._entries.get(model_id)
@@ -99,7 +120,7 @@ class ModelRegistry:
         self, model_id: str, *, base: str, tenant: str, path: Path, created: int, preload: bool = True
     ) -> ModelEntry:
         """Make a fine-tuned model servable now (hot-load), without a restart."""
-        if base not in self._entries or not self._entries[base].is_base:
+        if base not in self._entries or not self._entries[base].is_base or self._entries[base].kind != "chat":
             raise InvalidRequest(f"base model {base!r} is not configured on this server", param="model")
         entry = ModelEntry(
             id=model_id, created=created, owned_by=tenant, base=base, adapter_path=path, tenant=tenant
@@ -125,6 +146,13 @@ class ModelRegistry:
     async def engine_for(self, model_id: str, principal: Principal) -> tuple[Engine, ModelEntry]:
         """The engine that answers `model_id`, with its adapter loaded."""
         entry = self.get(model_id, principal)
+        if entry.kind == "embedding":
+            raise InvalidRequest(
+                f"The model '{model_id}' is an embedding model: it serves POST /v1/embeddings, not "
+                "completions.",
+                param="model",
+                code="model_not_supported",
+            )
         engine = await self.start_engine(entry.base)
         if entry.adapter_path is not None and not engine.has_adapter(entry.id):
             lock = self._load_locks.setdefault(entry.id, asyncio.Lock())

@@ -1,0 +1,1 @@
+"""POST /v1/embeddings: routes (thin) · protocol (wire types) · service (inputs -> engine -> vectors)."""
