@@ -38,6 +38,7 @@ __all__ = [
 DEFAULT_MODEL = EMBEDDED_MODEL
 METRICS_ACCESS = ("loopback", "token", "public")
 QUANTIZATION = ("auto", "int4", "int8", "none")
+ENGINE_DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
 _RETIRED = {
@@ -106,6 +107,12 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
+    device: str = _f(
+        "auto",
+        "Where the local engine serves: auto (the first CUDA GPU torch sees, else the CPU), cpu or cuda. On "
+        "CUDA the weights, KV cache and adapters live on the GPU in models.dtype (auto: bfloat16) and "
+        "attention runs on torch's SDPA kernels; cuda without a GPU is a start-up error.",
+    )
     max_running: int = _f(16, "Sequences decoded together in one batch (continuous batching).")
     max_queued: int = _f(64, "Requests waiting for a slot; past this the API answers 429.")
     prefill_token_budget: int = _f(1024, "Prompt tokens prefilled together in one engine step.")
@@ -124,6 +131,8 @@ class EngineSettings:
     )
 
     def __post_init__(self) -> None:
+        if self.device not in ENGINE_DEVICES:
+            raise ValueError(f"engine.device must be one of {', '.join(ENGINE_DEVICES)}, not {self.device!r}")
         if self.quantization not in QUANTIZATION:
             raise ValueError(
                 f"engine.quantization must be one of {', '.join(QUANTIZATION)}, not {self.quantization!r}"

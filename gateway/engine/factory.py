@@ -23,6 +23,7 @@ def build_engine(settings: Settings, name: str) -> Engine:
         name,
         lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
         dtype=settings.models.dtype,
+        device=settings.engine.device,
         max_running=settings.engine.max_running,
         max_queued=settings.engine.max_queued,
         max_model_len=settings.models.max_model_len,

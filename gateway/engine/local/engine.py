@@ -33,7 +33,7 @@ from gateway.core.errors import (
 from gateway.engine.base import ChoiceDelta, EngineStats, GenerationRequest
 from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local.lora import LoraAdapter
-from gateway.engine.local.precision import resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
 from gateway.engine.local.quantized import Scheme
 from gateway.engine.local.runner import ModelRunner
 from gateway.engine.local.sampling import SequenceSampler
@@ -88,6 +88,7 @@ class LocalEngine:
         model_dir: Path | Callable[[], Path],
         *,
         dtype: str = "auto",
+        device: str = "auto",
         max_running: int = 16,
         max_queued: int = 64,
         max_model_len: int = 2048,
@@ -101,7 +102,8 @@ class LocalEngine:
         self.model_name = model_name
         self._model_source = model_dir
         self.model_dir: Path | None = model_dir if isinstance(model_dir, Path) else None
-        self.dtype = resolve_dtype(dtype)
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
         self.max_running = max_running
         self.max_queued = max_queued
         self.requested_model_len = max_model_len
@@ -138,6 +140,7 @@ class LocalEngine:
         log.info(
             "engine.started",
             model=self.model_name,
+            device=str(self.device),
             dtype=str(self.dtype),
             quantization=self.quantization or "none",
             seconds=round(time.perf_counter() - started, 2),
@@ -181,16 +184,23 @@ class LocalEngine:
     def _build_runner(self, model_dir: Path) -> ModelRunner:
         from contracts.base_models import load_model
 
-        model = load_model(model_dir, dtype="float32")  # outside inference mode: it makes nn.Parameters
+        # Loaded on the host (outside inference mode: it makes nn.Parameters); the runner copies the weights
+        # to the device.  fp32 on the CPU (the runner rounds once, to its dtype); on CUDA the engine dtype
+        # already, so a 7B model takes 15 GB of host memory on its way to the GPU, not 30.
+        load_dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        model = load_model(model_dir, dtype=load_dtype)
         context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
         self.max_model_len = min(self.requested_model_len, int(context))
-        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, model_dir)
+        self.quantization = resolve_quantization(
+            self.quantization_setting, self.dtype, model_dir, self.device
+        )
         with torch.inference_mode():  # the runner's tensors are the engine's: see scheduler.py
             runner = ModelRunner(
                 model,
                 max_slots=self.max_running,
                 max_model_len=self.max_model_len,
                 dtype=self.dtype,
+                device=self.device,
                 quantization=self.quantization,
                 quantized_max_rows=self.quantized_max_rows,
             )
@@ -205,6 +215,8 @@ class LocalEngine:
         self._ready.clear()  # /readyz answers 503 meanwhile; requests still queue
         scheduler.runner = None
         gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the old runner's cache blocks, before the new one allocates its own
         error: BaseException | None = None
         for attempt in range(REBUILD_ATTEMPTS):
             if attempt:
@@ -276,7 +288,7 @@ class LocalEngine:
             raise EngineUnavailable("the engine is not started")
         layers = self._num_layers
         adapter = self._on_engine_thread(
-            lambda: LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype)
+            lambda: LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype, device=self.device)
         )
         with self._adapter_lock:
             self._adapters[name] = adapter
