@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from contracts.base_models import prepare
-from gateway.core.settings import Settings
+from gateway.core.settings import Settings, auto_value
 from gateway.engine.base import Engine
 
 __all__ = ["EngineFactory", "build_engine"]
@@ -24,10 +24,12 @@ def build_engine(settings: Settings, name: str) -> Engine:
         lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
         dtype=settings.models.dtype,
         device=settings.engine.device,
-        max_running=settings.engine.max_running,
-        max_queued=settings.engine.max_queued,
+        max_running=auto_value(settings.engine.max_running),
+        max_queued=auto_value(settings.engine.max_queued),
         max_model_len=settings.models.max_model_len,
-        prefill_token_budget=settings.engine.prefill_token_budget,
+        prefill_token_budget=auto_value(settings.engine.prefill_token_budget),
+        tenant_concurrency=auto_value(settings.limits.tenant_concurrency),
+        memory_fraction=settings.engine.memory_fraction,
         default_max_tokens=settings.engine.default_max_tokens,
         max_adapters=settings.engine.max_adapters,
         threads=settings.engine.threads,
