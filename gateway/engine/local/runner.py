@@ -177,12 +177,19 @@ class ModelRunner:
         if capacity == self.capacity:
             return
         shape = (self.max_slots, self.n_kv_heads, capacity, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        if self.capacity:
-            for old, new in zip(self.k_cache + self.v_cache, new_k + new_v, strict=True):
-                new[:, :, : self.capacity].copy_(old)
-        self.k_cache, self.v_cache, self.capacity = new_k, new_v, capacity
+        if not self.capacity:
+            self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        else:
+            # one layer at a time, each old tensor let go before the next new one is made: growing peaks at
+            # the new cache plus one layer of the old, not both caches whole (what sizing.py budgets for)
+            for cache in (self.k_cache, self.v_cache):
+                for index, old in enumerate(cache):
+                    new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    new[:, :, : self.capacity].copy_(old)
+                    cache[index] = new
+                    del old
+        self.capacity = capacity
 
     def ensure_capacity(self, length: int) -> None:
         if length > self.capacity:
