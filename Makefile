@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install serve prepare certs test test-unit test-e2e bench lint format docs clean
+.PHONY: help install serve prepare certs test test-unit test-e2e bench gpu-check lint format docs clean
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -51,6 +51,12 @@ test-e2e: $(STAMP) ## real HTTPS server + real clients
 bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESULTS.md
 	$(BIN)/python bench/bench_serving.py --write
 	$(BIN)/python bench/bench_training.py --write
+
+# On a GPU machine the PyTorch already there (with CUDA) runs it from the source tree: no install, no downloads.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-check: ## NVIDIA GPU: runner tests on CUDA + serving/training benches -> bench/RESULTS.md (no GPU: says so, exit 0)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .

@@ -3,6 +3,7 @@ and the cores, and the cgroup-aware readers of the machine."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -21,25 +22,10 @@ from gateway.engine.local.sizing import (
 
 GiB = 1 << 30
 
-# SmolLM2-135M and Qwen2.5-7B, as their config.json say (bench/configs/ holds them for the GPU bench)
-SMOLLM2 = {
-    "num_hidden_layers": 30,
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-}
-QWEN7B = {
-    "num_hidden_layers": 28,
-    "hidden_size": 3584,
-    "intermediate_size": 18944,
-    "num_attention_heads": 28,
-    "num_key_value_heads": 4,
-    "vocab_size": 152064,
-    "tie_word_embeddings": False,
-}
+# SmolLM2-135M's and Qwen2.5-7B's config.json (what bench/gpu_check.py serves with random weights)
+CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "configs"
+SMOLLM2 = json.loads((CONFIGS / "smollm2-135m.json").read_text())
+QWEN7B = json.loads((CONFIGS / "qwen2.5-7b.json").read_text())
 
 
 def test_kv_bytes_per_token_follow_layers_heads_head_dim_and_dtype() -> None:
