@@ -166,3 +166,23 @@ def test_an_engine_sizes_itself_at_start_up_and_reports_it(engine_factory: Any) 
 def test_an_engine_whose_cache_cannot_fit_refuses_to_start(engine_factory: Any) -> None:
     with pytest.raises(SizingError, match="KV cache"):
         engine_factory(max_running=4, memory_fraction=1e-9)
+
+
+def test_the_factory_passes_auto_as_none_and_numbers_as_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.engine.factory import build_engine
+    from gateway.engine.local.engine import LocalEngine
+
+    monkeypatch.setattr(LocalEngine, "start", lambda self: None)  # the wiring only: no model is loaded
+    settings = load_settings(env={})
+    engine = build_engine(settings, settings.models.default)
+    assert isinstance(engine, LocalEngine)
+    requested = engine._requested
+    assert requested.max_running is None and requested.max_queued is None
+    assert requested.prefill_token_budget is None and requested.tenant_concurrency is None
+    assert requested.memory_fraction == 0.5
+    fixed = load_settings(
+        env={"GATEWAY_ENGINE__MAX_RUNNING": "12", "GATEWAY_LIMITS__TENANT_CONCURRENCY": "5"}
+    )
+    engine = build_engine(fixed, fixed.models.default)
+    assert isinstance(engine, LocalEngine)
+    assert engine._requested.max_running == 12 and engine._requested.tenant_concurrency == 5
