@@ -186,3 +186,20 @@ def test_the_factory_passes_auto_as_none_and_numbers_as_given(monkeypatch: pytes
     engine = build_engine(fixed, fixed.models.default)
     assert isinstance(engine, LocalEngine)
     assert engine._requested.max_running == 12 and engine._requested.tenant_concurrency == 5
+
+
+def test_the_tenant_limit_follows_the_sized_engine() -> None:
+    """limits.tenant_concurrency = auto: create_app sets the limiter once an engine is sized."""
+    from gateway.auth.limits import ConcurrencyLimiter
+    from gateway.core.errors import RateLimited
+
+    limiter = ConcurrencyLimiter(1)
+    held = limiter.acquire("acme")
+    with pytest.raises(RateLimited):
+        limiter.acquire("acme")
+    limiter.set_limit(2)  # what an engine sized for max_running = 1 suggests
+    second = limiter.acquire("acme")
+    assert limiter.limit == 2 and limiter.in_flight("acme") == 2  # the slot held before stays held
+    held.release()
+    second.release()
+    assert limiter.in_flight("acme") == 0
