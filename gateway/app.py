@@ -38,7 +38,7 @@ from gateway.audit.middleware import AuditMiddleware
 from gateway.auth.guards import Gate
 from gateway.auth.limits import ConcurrencyLimiter, RateLimiter
 from gateway.auth.tokens import TokenVerifier
-from gateway.core.settings import Settings
+from gateway.core.settings import Settings, auto_value
 from gateway.core.worker_supervisor import WorkerSupervisor
 from gateway.engine.base import Engine
 from gateway.engine.factory import EmbeddingEngineFactory, EngineFactory, build_engine
@@ -48,6 +48,8 @@ from gateway.security.slow_clients import BodyDeadline
 __all__ = ["create_app", "litestar_of", "services_of"]
 
 log = structlog.get_logger(__name__)
+
+TENANT_CONCURRENCY_UNTIL_SIZED = 32  # limits.tenant_concurrency = auto, before any engine has been sized
 
 
 def create_app(
@@ -68,14 +70,28 @@ def create_app(
     ensure_private_dir(settings.data_path)
     audit_log = open_audit_log(settings)
     flood = UnauthenticatedFlood(settings.limits.unauthenticated_per_minute)
+    tenant_limit = auto_value(settings.limits.tenant_concurrency)
+    concurrency = ConcurrencyLimiter(TENANT_CONCURRENCY_UNTIL_SIZED if tenant_limit is None else tenant_limit)
     gate = Gate(
         TokenVerifier.from_settings(settings) if settings.auth.enabled else None,
         rate=RateLimiter(settings.limits.requests_per_minute),
-        concurrency=ConcurrencyLimiter(settings.limits.tenant_concurrency),
+        concurrency=concurrency,
     )
+    starter = engine_factory or (lambda name: build_engine(settings, name))
+    sized: list[int] = []  # each started engine's suggested per-tenant limit (auto)
+
+    def start_engine(name: str) -> Engine:
+        engine = starter(name)
+        suggested = engine.stats().tenant_concurrency
+        if tenant_limit is None and suggested > 0:
+            sized.append(suggested)
+            concurrency.set_limit(max(sized))
+            log.info("limits.tenant_concurrency_sized", limit=max(sized), model=engine.model_name)
+        return engine
+
     registry = ModelRegistry(
         engines or {},
-        engine_starter=engine_factory or (lambda name: build_engine(settings, name)),
+        engine_starter=start_engine,
         base_models=settings.models.names(),
         embedding_models=settings.embeddings.names(),
     )

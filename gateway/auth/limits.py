@@ -118,6 +118,16 @@ class ConcurrencyLimiter:
     def in_flight(self, tenant: str) -> int:
         return self._in_flight.get(tenant, 0)
 
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, limit: int) -> None:
+        """Change the limit (limits.tenant_concurrency = auto, once an engine is sized); requests already in
+        flight keep their slots."""
+        with self._lock:
+            self._limit = limit
+
     def acquire(self, tenant: str) -> Slot:
         with self._lock:
             current = self._in_flight.get(tenant, 0)

@@ -37,6 +37,7 @@ __all__ = [
     "ServerSettings",
     "Settings",
     "VllmSettings",
+    "auto_value",
     "load_settings",
 ]
 
@@ -45,12 +46,31 @@ METRICS_ACCESS = ("loopback", "token", "public")
 MISSING_TENANT = ("reject", "subject")
 QUANTIZATION = ("auto", "int4", "int8", "none")
 BACKENDS = ("local", "vllm")
+ENGINE_DEVICES = ("auto", "cpu", "cuda")
 
 # Settings that were removed: naming one is an error that says what replaced it, never silently ignored.
 _RETIRED = {
     "auth.metrics_public": 'replaced by auth.metrics_access = "loopback", "token" or "public" '
     '(metrics_public = true was "public", false was "token")',
 }
+
+
+def auto_value(value: int | str) -> int | None:
+    """A setting that may be "auto": None for auto, else its number."""
+    return None if value == "auto" else int(value)
+
+
+def _auto_int(name: str, value: Any) -> int | str:
+    """ "auto", or a whole number (from TOML, or a string from the environment)."""
+    if value == "auto":
+        return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f'{name} must be "auto" or a whole number, not {value!r}') from None
+    if isinstance(value, bool) or number < 0 or str(number) != str(value).strip():
+        raise ValueError(f'{name} must be "auto" or a whole number, not {value!r}')
+    return number
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -113,9 +133,32 @@ class ModelSettings:
 
 @dataclass(frozen=True)
 class EngineSettings:
-    max_running: int = _f(16, "Sequences decoded together in one batch (continuous batching).")
-    max_queued: int = _f(64, "Requests waiting for a slot; past this the API answers 429.")
-    prefill_token_budget: int = _f(1024, "Prompt tokens prefilled together in one engine step.")
+    device: str = _f(
+        "auto",
+        "Where the local engine serves: auto (the first CUDA GPU torch sees, else the CPU), cpu or cuda. On "
+        "CUDA the weights, KV cache and adapters live on the GPU in models.dtype (auto: bfloat16) and "
+        "attention runs on torch's SDPA kernels; cuda without a GPU is a start-up error.",
+    )
+    max_running: int | str = _f(
+        "auto",
+        "Sequences decoded together in one batch (continuous batching). auto: sized at start-up, as many as "
+        "the KV cache budget holds at models.max_model_len (engine.memory_fraction), at most 32 per core "
+        "on a CPU and 256 on a GPU. A number whose KV cache cannot fit is a start-up error.",
+    )
+    max_queued: int | str = _f(
+        "auto", "Requests waiting for a slot; past this the API answers 429. auto: 4 x max_running."
+    )
+    prefill_token_budget: int | str = _f(
+        "auto",
+        "Prompt tokens prefilled together in one engine step. auto: 512 per core on a CPU (512..4096), "
+        "4096 on a GPU.",
+    )
+    memory_fraction: float = _f(
+        0.5,
+        "Share of the memory free at start-up (host memory, cgroup limit aware, or the GPU's), after the "
+        "weights and one step's activations, that the KV cache may take; the rest stays for the fine-tuning "
+        "worker and the OS. The chosen sizes are logged (engine.sized) and exported as metrics.",
+    )
     max_adapters: int = _f(8, "LoRA adapters kept loaded at once (least recently used are evicted).")
     default_max_tokens: int = _f(512, "Completion length when a request names none.")
     threads: int = _f(0, "torch intra-op threads for the engine; 0 = all cores.")
@@ -139,6 +182,10 @@ class EngineSettings:
     )
 
     def __post_init__(self) -> None:
+        for name in ("max_running", "max_queued", "prefill_token_budget"):
+            object.__setattr__(self, name, _auto_int(f"engine.{name}", getattr(self, name)))
+        if self.device not in ENGINE_DEVICES:
+            raise ValueError(f"engine.device must be one of {', '.join(ENGINE_DEVICES)}, not {self.device!r}")
         if self.quantization not in QUANTIZATION:
             raise ValueError(
                 f"engine.quantization must be one of {', '.join(QUANTIZATION)}, not {self.quantization!r}"
@@ -235,7 +282,11 @@ class LimitSettings:
     max_n: int = _f(8, "Largest n (choices per request).")
     max_prompts: int = _f(32, "Largest list of prompts in one legacy /v1/completions request.")
     requests_per_minute: int = _f(600, "Per-subject request rate; past it -> 429 with Retry-After.")
-    tenant_concurrency: int = _f(32, "Requests one tenant may have in flight at once; past it -> 429.")
+    tenant_concurrency: int | str = _f(
+        "auto",
+        "Requests one tenant may have in flight at once; past it -> 429. auto: 2 x the engine's max_running "
+        "once the engine is sized (32 until then); 0 = no limit.",
+    )
     max_upload_bytes: int = _f(64 * 1024 * 1024, "Largest uploaded file; larger -> 413, nothing kept.")
     unauthenticated_per_minute: int = _f(
         60,
@@ -269,6 +320,11 @@ class QuotaSettings:
         "request is charged its real usage when it ends); while the bucket is empty -> 429 with Retry-After. "
         "0 = no limit.",
     )
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "tenant_concurrency", _auto_int("limits.tenant_concurrency", self.tenant_concurrency)
+        )
 
 
 @dataclass(frozen=True)

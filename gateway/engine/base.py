@@ -100,6 +100,13 @@ class EngineStats:
     max_queued: int
     restarts: int = 0  # times the engine rebuilt itself after repeated failures
     failed_steps: int = 0  # engine steps that failed (their requests got a 500)
+    # what start-up sized (or was configured) on this machine; 0 where the backend does not say
+    prefill_token_budget: int = 0  # prompt tokens one engine step may prefill
+    kv_cache_tokens: int = 0  # tokens the KV cache holds (slots x max_model_len)
+    kv_cache_bytes: int = 0
+    tenant_concurrency: int = (
+        0  # the per-tenant in-flight limit this engine suggests (limits.tenant_concurrency auto)
+    )
 
 
 class GenerationStream(Protocol):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from contracts.base_models import prepare
 from contracts.embedding_models import prepare_embedding_model
-from gateway.core.settings import Settings
+from gateway.core.settings import Settings, auto_value
 from gateway.engine.base import Engine
 from gateway.engine.embeddings import EmbeddingEngine
 
@@ -31,10 +31,13 @@ def build_engine(settings: Settings, name: str) -> Engine:
         name,
         lambda: prepare(name, source, settings.data_path),  # on the engine thread: converting uses torch
         dtype=settings.models.dtype,
-        max_running=settings.engine.max_running,
-        max_queued=settings.engine.max_queued,
+        device=settings.engine.device,
+        max_running=auto_value(settings.engine.max_running),
+        max_queued=auto_value(settings.engine.max_queued),
         max_model_len=settings.models.max_model_len,
-        prefill_token_budget=settings.engine.prefill_token_budget,
+        prefill_token_budget=auto_value(settings.engine.prefill_token_budget),
+        tenant_concurrency=auto_value(settings.limits.tenant_concurrency),
+        memory_fraction=settings.engine.memory_fraction,
         default_max_tokens=settings.engine.default_max_tokens,
         max_adapters=settings.engine.max_adapters,
         threads=settings.engine.threads,

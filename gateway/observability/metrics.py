@@ -66,6 +66,21 @@ class _EngineCollector(Collector):
                 "Queue capacity; past it requests get 429 (engine.max_queued).",
                 labels=["model"],
             ),
+            "prefill_token_budget": GaugeMetricFamily(
+                "gateway_engine_prefill_token_budget",
+                "Prompt tokens one engine step may prefill (engine.prefill_token_budget, sized at start-up).",
+                labels=["model"],
+            ),
+            "kv_cache_tokens": GaugeMetricFamily(
+                "gateway_engine_kv_cache_capacity_tokens",
+                "Tokens the KV cache holds: decoding slots x models.max_model_len.",
+                labels=["model"],
+            ),
+            "kv_cache_bytes": GaugeMetricFamily(
+                "gateway_engine_kv_cache_capacity_bytes",
+                "Bytes of the KV cache at full length (within engine.memory_fraction of free memory).",
+                labels=["model"],
+            ),
             "adapters": GaugeMetricFamily(
                 "gateway_engine_loaded_adapters", "LoRA adapters loaded in the engine now.", labels=["model"]
             ),

@@ -12,7 +12,7 @@ from transformers import LlamaForCausalLM
 
 from contracts.base_models import embedded_gguf, gguf_weight_bits, prepare
 from gateway.core.errors import EngineFailure
-from gateway.engine.local.precision import resolve_quantization
+from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
 from gateway.engine.local.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
 from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
 from tests.unit.tiny_models import tiny_llama_config
@@ -128,3 +128,25 @@ def test_a_marker_with_the_cached_bits_still_counts_as_converted(tmp_path: Path)
     _converted_dir(target, **stamp, weight_bits=4)
     assert prepare("smol", gguf, tmp_path) == target  # no 40 s reconversion because of the extra key
     assert not (target / "config.json").exists()
+
+
+def test_on_cuda_auto_skips_the_cpu_kernels_and_explicit_int4_is_refused(tmp_path: Path) -> None:
+    cuda = torch.device("cuda", 0)  # a device object: nothing is allocated on it
+    four = _converted_dir(tmp_path / "q4", source="x.gguf", weight_bits=4)
+    assert resolve_quantization("auto", torch.bfloat16, four, cuda) is None
+    assert resolve_quantization("auto", torch.bfloat16, four, torch.device("cpu")) == "int4"
+    with pytest.raises(EngineFailure, match="on the CPU"):
+        resolve_quantization("int4", torch.bfloat16, four, cuda)
+
+
+def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(EngineFailure, match="sees no CUDA device"):
+        resolve_device("cuda")
+    with pytest.raises(EngineFailure, match="must be one of"):
+        resolve_device("tpu")
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16  # whatever this CPU has
+    assert resolve_dtype("float32", torch.device("cuda", 0)) == torch.float32

@@ -40,11 +40,20 @@ from gateway.engine.local.chat_template import render_prompt
 from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local.grammar import GrammarCompiler, RowGrammar
 from gateway.engine.local.lora import LoraAdapter
-from gateway.engine.local.precision import resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
 from gateway.engine.local.quantized import Scheme
 from gateway.engine.local.runner import ModelRunner
 from gateway.engine.local.sampling import SequenceSampler
 from gateway.engine.local.scheduler import Group, Scheduler, Sequence
+from gateway.engine.local.sizing import (
+    EngineSizing,
+    Machine,
+    ModelShape,
+    Requested,
+    host_memory_available,
+    size_engine,
+    usable_cores,
+)
 
 __all__ = ["LocalEngine"]
 
@@ -87,7 +96,11 @@ class LocalEngine:
     """Engine over a local transformers model directory (see runner.py for supported architectures).
 
     `model_dir` is the directory, or a function that returns it once it exists: it runs first on the engine
-    thread, so converting a GGUF (torch work) stays on that thread too (see `_run`)."""
+    thread, so converting a GGUF (torch work) stays on that thread too (see `_run`).
+
+    `max_running`, `max_queued`, `prefill_token_budget` and `tenant_concurrency` may be None (auto): they are
+    sized at start-up from the model, the memory and the cores (sizing.py), which also refuses configured
+    values whose KV cache cannot fit; `sizing` holds the outcome."""
 
     def __init__(
         self,
@@ -95,10 +108,13 @@ class LocalEngine:
         model_dir: Path | Callable[[], Path],
         *,
         dtype: str = "auto",
-        max_running: int = 16,
-        max_queued: int = 64,
+        device: str = "auto",
+        max_running: int | None = 16,
+        max_queued: int | None = 64,
         max_model_len: int = 2048,
-        prefill_token_budget: int = 1024,
+        prefill_token_budget: int | None = 1024,
+        tenant_concurrency: int | None = None,
+        memory_fraction: float = 0.5,
         default_max_tokens: int = 512,
         max_adapters: int = 8,
         threads: int = 0,
@@ -108,12 +124,23 @@ class LocalEngine:
         self.model_name = model_name
         self._model_source = model_dir
         self.model_dir: Path | None = model_dir if isinstance(model_dir, Path) else None
-        self.dtype = resolve_dtype(dtype)
-        self.max_running = max_running
-        self.max_queued = max_queued
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        self._requested = Requested(
+            max_model_len=max_model_len,
+            max_running=max_running,
+            max_queued=max_queued,
+            prefill_token_budget=prefill_token_budget,
+            tenant_concurrency=tenant_concurrency,
+            memory_fraction=memory_fraction,
+        )
+        self.sizing: EngineSizing | None = None  # set at start-up
+        # placeholders until start-up sizes them (auto): what stats() reports while the model loads
+        self.max_running = max_running or 0
+        self.max_queued = max_queued or 0
         self.requested_model_len = max_model_len
         self.max_model_len = max_model_len
-        self.prefill_token_budget = prefill_token_budget
+        self.prefill_token_budget = prefill_token_budget or 0
         self.default_max_tokens = default_max_tokens
         self.max_adapters = max_adapters
         self.threads = threads
@@ -149,6 +176,7 @@ class LocalEngine:
         log.info(
             "engine.started",
             model=self.model_name,
+            device=str(self.device),
             dtype=str(self.dtype),
             quantization=self.quantization or "none",
             seconds=round(time.perf_counter() - started, 2),
@@ -182,6 +210,7 @@ class LocalEngine:
         model_dir = self.model_dir = source if isinstance(source, Path) else source()
         self.tokenizer = load_tokenizer(model_dir)
         self._max_chars_per_token = _longest_token_chars(self.tokenizer)
+        self._size(model_dir)
         runner = self._build_runner(model_dir)
         stop_ids = _stop_token_ids(self.tokenizer, model_dir)
         self.grammars = GrammarCompiler(self.tokenizer, runner.vocab_size, stop_ids)
@@ -193,19 +222,46 @@ class LocalEngine:
             prefill_token_budget=self.prefill_token_budget,
         )
 
+    def _size(self, model_dir: Path) -> None:
+        """Size the batch, prefill step and queue for this model on this machine (sizing.py), before any
+        weight is loaded, so a KV cache that cannot fit is a start-up error, not an out-of-memory later."""
+        from dataclasses import replace
+
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(model_dir))
+        context = getattr(config, "max_position_embeddings", None) or self.requested_model_len
+        self.max_model_len = min(self.requested_model_len, int(context))
+        self.quantization = resolve_quantization(
+            self.quantization_setting, self.dtype, model_dir, self.device
+        )
+        if self.device.type == "cuda":
+            memory = torch.cuda.mem_get_info(self.device)[0]
+            cores = usable_cores(threads=self.threads)
+        else:
+            memory, cores = host_memory_available(), usable_cores(threads=self.threads)
+        shape = ModelShape.from_config(config, dtype_bytes=torch.empty((), dtype=self.dtype).element_size())
+        requested = replace(self._requested, max_model_len=self.max_model_len, quantization=self.quantization)
+        sizing = self.sizing = size_engine(shape, Machine(self.device.type, memory, cores), requested)
+        self.max_running, self.max_queued = sizing.max_running, sizing.max_queued
+        self.prefill_token_budget = sizing.prefill_token_budget
+        log.info("engine.sized", model=self.model_name, **sizing.log_fields())
+
     def _build_runner(self, model_dir: Path) -> ModelRunner:
         from contracts.base_models import load_model
 
-        model = load_model(model_dir, dtype="float32")  # outside inference mode: it makes nn.Parameters
-        context = getattr(model.config, "max_position_embeddings", None) or self.requested_model_len
-        self.max_model_len = min(self.requested_model_len, int(context))
-        self.quantization = resolve_quantization(self.quantization_setting, self.dtype, model_dir)
+        # Loaded on the host (outside inference mode: it makes nn.Parameters); the runner copies the weights
+        # to the device.  fp32 on the CPU (the runner rounds once, to its dtype); on CUDA the engine dtype
+        # already, so a 7B model takes 15 GB of host memory on its way to the GPU, not 30.
+        load_dtype = self.dtype if self.device.type == "cuda" else torch.float32
+        model = load_model(model_dir, dtype=load_dtype)  # max_model_len and quantization: see _size
         with torch.inference_mode():  # the runner's tensors are the engine's: see scheduler.py
             runner = ModelRunner(
                 model,
                 max_slots=self.max_running,
                 max_model_len=self.max_model_len,
                 dtype=self.dtype,
+                device=self.device,
                 quantization=self.quantization,
                 quantized_max_rows=self.quantized_max_rows,
             )
@@ -220,6 +276,8 @@ class LocalEngine:
         self._ready.clear()  # /readyz answers 503 meanwhile; requests still queue
         scheduler.runner = None
         gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # the old runner's cache blocks, before the new one allocates its own
         error: BaseException | None = None
         for attempt in range(REBUILD_ATTEMPTS):
             if attempt:
@@ -282,6 +340,10 @@ class LocalEngine:
             max_queued=self.max_queued,
             restarts=self.restarts,
             failed_steps=self._scheduler.failed_steps if self._scheduler else 0,
+            prefill_token_budget=self.prefill_token_budget,
+            kv_cache_tokens=self.sizing.kv_cache_tokens if self.sizing else 0,
+            kv_cache_bytes=self.sizing.kv_cache_bytes if self.sizing else 0,
+            tenant_concurrency=self.sizing.tenant_concurrency if self.sizing else 0,
         )
 
     # -- adapters ----------------------------------------------------------------------------------------
@@ -292,7 +354,7 @@ class LocalEngine:
             raise EngineUnavailable("the engine is not started")
         layers = self._num_layers
         adapter = self._on_engine_thread(
-            lambda: LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype)
+            lambda: LoraAdapter.load(name, path, num_layers=layers, dtype=self.dtype, device=self.device)
         )
         with self._adapter_lock:
             self._adapters[name] = adapter

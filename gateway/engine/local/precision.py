@@ -1,5 +1,5 @@
-"""Which number formats the engine computes in on this hardware: the weight/KV-cache dtype and whether a
-quantized copy of the weights serves small decode steps (see quantized.py)."""
+"""Where and in which number formats the engine computes on this hardware: the device (CPU or CUDA), the
+weight/KV-cache dtype and whether a quantized copy of the weights serves small decode steps (quantized.py)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,32 @@ import torch
 from gateway.core.errors import EngineFailure
 from gateway.engine.local.quantized import Scheme
 
-__all__ = ["resolve_dtype", "resolve_quantization"]
+__all__ = ["DEVICES", "resolve_device", "resolve_dtype", "resolve_quantization"]
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_dtype(name: str) -> torch.dtype:
+def resolve_device(name: str) -> torch.device:
+    """`auto` is the first CUDA device where torch sees one, else the CPU; `cuda` without one is a clear
+    start-up error, not a silent fall back to CPU speed."""
+    if name not in DEVICES:
+        raise EngineFailure(f"engine.device must be one of {', '.join(DEVICES)}, not {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise EngineFailure("engine.device = cuda, but torch sees no CUDA device (set auto or cpu)")
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device | None = None) -> torch.dtype:
     """`auto` picks bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX),
-    since decoding is bound by the bytes of weights read per token; fp32 elsewhere."""
+    since decoding is bound by the bytes of weights read per token; fp32 elsewhere.  The device decides
+    (a CPU-configured engine on a machine with a GPU asks its CPU), the CPU when none is given."""
     if name != "auto":
         return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-    if torch.cuda.is_available():
+    if device is not None and device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     try:
         flags = Path("/proc/cpuinfo").read_text()
@@ -27,16 +44,23 @@ def resolve_dtype(name: str) -> torch.dtype:
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
-def resolve_quantization(name: str, dtype: torch.dtype, model_dir: Path) -> Scheme | None:
+def resolve_quantization(
+    name: str, dtype: torch.dtype, model_dir: Path, device: torch.device | None = None
+) -> Scheme | None:
     """`auto` quantizes the decode copy only as far as the GGUF the model came from already was (so it loses
-    nothing new), and only where the kernels are fast: bf16 on the CPU."""
+    nothing new), and only where the kernels are: bf16 on the CPU (torch's int4/int8 packed kernels used
+    here are CPU kernels; on CUDA `auto` skips them and serves the bf16 weights)."""
+    on_cpu = device is None or device.type == "cpu"
     if name == "none":
         return None
     if name != "auto":
-        if dtype != torch.bfloat16 or torch.cuda.is_available():
-            raise EngineFailure(f"engine.quantization = {name} needs models.dtype bfloat16 on the CPU")
+        if dtype != torch.bfloat16 or not on_cpu:
+            raise EngineFailure(
+                f"engine.quantization = {name} needs models.dtype bfloat16 on the CPU (engine.device cpu); "
+                "set engine.quantization = auto or none on CUDA"
+            )
         return "int4" if name == "int4" else "int8"
-    if dtype != torch.bfloat16 or torch.cuda.is_available():
+    if dtype != torch.bfloat16 or not on_cpu:
         return None
     from contracts.base_models import gguf_weight_bits
 

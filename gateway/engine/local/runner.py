@@ -12,16 +12,24 @@ so a joining request's prompt rides along the same weight reads as the running b
 with chunked prefill).  Each row may carry its own LoRA adapter; deltas are applied per adapter group.
 Optionally a weight-only quantized copy of the weights serves the steps with few rows (quantized.py).
 
+Devices: on the CPU the KV cache grows with the longest sequence (memory is shared with the rest of the
+machine) and decode attention is fp32 batched matmuls (faster than CPU SDPA, measured below).  On CUDA the
+weights, the KV cache (allocated in full at start-up, as the GPU is the engine's) and the adapters live on
+the GPU, and attention is torch's SDPA (flash / memory-efficient kernels) in the weights' dtype; the int4 path
+is CPU-only and never used there.
+
 Supported: LlamaForCausalLM and its relatives (Mistral, Qwen2 with qkv bias, Qwen3 with q/k norms).
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from gateway.engine.local.lora import LoraAdapter
 from gateway.engine.local.quantized import QuantizedWeight, Scheme, quantize
@@ -79,6 +87,7 @@ class ModelRunner:
         max_slots: int,
         max_model_len: int,
         dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
         quantization: Scheme | None = None,
         quantized_max_rows: int = 16,
     ) -> None:
@@ -90,7 +99,10 @@ class ModelRunner:
         # Weights and KV cache in `dtype` (bf16 halves the bytes each decode step reads; norms, rotary and
         # the residual stream stay fp32 for accuracy).
         self.dtype = dtype or next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
+        # The model may be loaded on the CPU and served from the GPU: its weights are copied layer by layer,
+        # so the GPU never holds two copies of a layer's weights at once.
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.on_cuda = self.device.type == "cuda"
         self.n_heads = config.num_attention_heads
         self.n_kv_heads = getattr(config, "num_key_value_heads", None) or self.n_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.n_heads
@@ -99,12 +111,15 @@ class ModelRunner:
         self.max_slots = max_slots
         self.max_model_len = max_model_len
         inner = model.model
-        self.rotary = inner.rotary_emb
-        self.embed = inner.embed_tokens.weight.detach().to(self.dtype)
-        self.final_norm = inner.norm.weight.detach().float()
+        # a copy: moving the model's own rotary module would move it under the caller's model too
+        self.rotary = copy.deepcopy(inner.rotary_emb).to(self.device)
+        self.embed = inner.embed_tokens.weight.detach().to(device=self.device, dtype=self.dtype)
+        self.final_norm = inner.norm.weight.detach().to(device=self.device, dtype=torch.float32)
         tied = model.lm_head.weight.data_ptr() == inner.embed_tokens.weight.data_ptr()
-        self.lm_head = self.embed if tied else model.lm_head.weight.detach().to(self.dtype)
-        self.layers = [self._fuse(layer, self.dtype) for layer in inner.layers]
+        self.lm_head = (
+            self.embed if tied else model.lm_head.weight.detach().to(device=self.device, dtype=self.dtype)
+        )
+        self.layers = [self._fuse(layer, self.dtype, self.device) for layer in inner.layers]
         self.quantization = quantization
         self.quantized_max_rows = quantized_max_rows if quantization else 0
         if quantization:
@@ -122,24 +137,33 @@ class ModelRunner:
         self.capacity = 0
         self.k_cache: list[torch.Tensor] = []
         self.v_cache: list[torch.Tensor] = []
-        self._grow(min(256, max_model_len))
+        # CUDA: the whole cache now, so a cache that cannot fit fails at start-up, never mid-request
+        self._grow(max_model_len if self.on_cuda else min(256, max_model_len))
 
     @staticmethod
-    def _fuse(layer: Any, dtype: torch.dtype) -> _Layer:
+    def _fuse(layer: Any, dtype: torch.dtype, device: torch.device) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
+
+        def weights(*tensors: torch.Tensor) -> torch.Tensor:
+            joined = torch.cat(tensors) if len(tensors) > 1 else tensors[0]
+            return joined.detach().to(device=device, dtype=dtype).contiguous()
+
+        def norm(tensor: torch.Tensor) -> torch.Tensor:
+            return tensor.detach().to(device=device, dtype=torch.float32)
+
         bias = None
         if attn.q_proj.bias is not None:
-            bias = torch.cat([attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]).detach().to(dtype)
+            bias = weights(attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias)
         return _Layer(
-            input_norm=layer.input_layernorm.weight.detach().float(),
-            qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]).detach().to(dtype),
+            input_norm=norm(layer.input_layernorm.weight),
+            qkv=weights(attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight),
             qkv_bias=bias,
-            o=attn.o_proj.weight.detach().to(dtype).contiguous(),
-            post_norm=layer.post_attention_layernorm.weight.detach().float(),
-            gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).detach().to(dtype),
-            down=mlp.down_proj.weight.detach().to(dtype).contiguous(),
-            q_norm=attn.q_norm.weight.detach().float() if hasattr(attn, "q_norm") else None,
-            k_norm=attn.k_norm.weight.detach().float() if hasattr(attn, "k_norm") else None,
+            o=weights(attn.o_proj.weight),
+            post_norm=norm(layer.post_attention_layernorm.weight),
+            gate_up=weights(mlp.gate_proj.weight, mlp.up_proj.weight),
+            down=weights(mlp.down_proj.weight),
+            q_norm=norm(attn.q_norm.weight) if hasattr(attn, "q_norm") else None,
+            k_norm=norm(attn.k_norm.weight) if hasattr(attn, "k_norm") else None,
         )
 
     # -- KV cache ------------------------------------------------------------------------------------
@@ -153,12 +177,19 @@ class ModelRunner:
         if capacity == self.capacity:
             return
         shape = (self.max_slots, self.n_kv_heads, capacity, self.head_dim)
-        new_k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        new_v = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
-        if self.capacity:
-            for old, new in zip(self.k_cache + self.v_cache, new_k + new_v, strict=True):
-                new[:, :, : self.capacity].copy_(old)
-        self.k_cache, self.v_cache, self.capacity = new_k, new_v, capacity
+        if not self.capacity:
+            self.k_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+            self.v_cache = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        else:
+            # one layer at a time, each old tensor let go before the next new one is made: growing peaks at
+            # the new cache plus one layer of the old, not both caches whole (what sizing.py budgets for)
+            for cache in (self.k_cache, self.v_cache):
+                for index, old in enumerate(cache):
+                    new = torch.zeros(shape, dtype=self.dtype, device=self.device)
+                    new[:, :, : self.capacity].copy_(old)
+                    cache[index] = new
+                    del old
+        self.capacity = capacity
 
     def ensure_capacity(self, length: int) -> None:
         if length > self.capacity:
@@ -195,10 +226,12 @@ class ModelRunner:
         x = self.embed[ids].float()  # the residual stream stays fp32; weights and KV cache may be bf16
         cos, sin = self.rotary(x, pos.unsqueeze(0))
         cos, sin = cos[0].unsqueeze(1), sin[0].unsqueeze(1)  # [T, 1, hd]
-        groups = _adapter_groups(adapters)
+        groups = _adapter_groups(adapters, self.device)
         dec_slots = torch.tensor(batch.decode_slots, dtype=torch.long, device=self.device)
         dec_pos = pos[:n_dec]
-        dec_bias = self._decode_bias(dec_pos) if n_dec else None
+        # the longest decode row's context, from the host's list (a .max() of a GPU tensor would sync)
+        dec_len = max(batch.decode_positions) + 1 if n_dec else 0
+        dec_bias = self._decode_bias(dec_pos, dec_len) if n_dec else None
         # running slots are kept dense by the scheduler, so the cache rows are usually a view, not a gather
         dense = batch.decode_slots == list(range(n_dec))
         compact = len(token_ids) <= self.quantized_max_rows  # few rows: bound by weight bytes, not FLOPs
@@ -297,11 +330,13 @@ class ModelRunner:
         x += down
         return x
 
-    def _decode_bias(self, dec_pos: torch.Tensor) -> torch.Tensor:
-        """Additive attention bias [B, 1, 1, L]: 0 where a row may look, -inf past its own position."""
-        length = int(dec_pos.max()) + 1
+    def _decode_bias(self, dec_pos: torch.Tensor, length: int) -> torch.Tensor:
+        """Attention bias [B, 1, 1, L] over L = the longest row's context: on the CPU additive (0 where a row
+        may look, -inf past its own position), on CUDA a boolean mask (True where it may look) for SDPA."""
         keys = torch.arange(length, device=self.device)
         hidden = keys.unsqueeze(0) > dec_pos.unsqueeze(1)  # [B, L]
+        if self.on_cuda:
+            return (~hidden)[:, None, None, :]
         bias = torch.zeros(hidden.shape, dtype=torch.float32, device=self.device)
         return bias.masked_fill_(hidden, -torch.inf)[:, None, None, :]
 
@@ -320,6 +355,13 @@ class ModelRunner:
         else:
             keys, values = k_cache[slots, :, :length], v_cache[slots, :, :length]
         rows, group = q.shape[0], self.n_heads // self.n_kv_heads
+        grouped = q.view(rows, self.n_kv_heads, group, self.head_dim)
+        if self.on_cuda:
+            # The query heads that share a KV head ride as that head's query rows: one SDPA call, no GQA
+            # expansion, in the cache's dtype with fp32 accumulation; a lone row needs no mask (flash).
+            mask = bias if rows > 1 else None
+            out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=mask)
+            return out.reshape(rows, self.n_heads, self.head_dim)
         if rows == 1 and length <= _SHORT_CONTEXT:  # no mask needed, and one SDPA call is fewest ops
             gqa = self.n_kv_heads != self.n_heads
             return F.scaled_dot_product_attention(q.unsqueeze(2), keys, values, enable_gqa=gqa).squeeze(2)
@@ -327,7 +369,6 @@ class ModelRunner:
         # repeat_kv does) never expand the KV heads and beat CPU SDPA, per decode step on the default model:
         # 8 rows (with a mask) at ~40 tokens of context 36 -> 27 ms, at ~1500 tokens 225 -> 88 ms; one row
         # at ~300 tokens 19.9 -> 14.3 ms, at ~1500 tokens 38 -> 24 ms (at ~60 tokens SDPA wins, 14 vs 18 ms).
-        grouped = q.view(rows, self.n_kv_heads, group, self.head_dim)
         scores = torch.matmul(grouped.float(), keys.float().transpose(-1, -2)) * self.head_dim**-0.5 + bias
         probs = torch.softmax(scores, dim=-1)
         out = torch.matmul(probs, values.float()).to(q.dtype)
@@ -340,6 +381,18 @@ class ModelRunner:
         values = v_cache[slot : slot + 1, :, :stop]
         query = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, hd]
         gqa = self.n_kv_heads != self.n_heads
+        if self.on_cuda:
+            # KV heads expanded (a prompt chunk's worth, small) so flash / memory-efficient kernels take it
+            # whatever their GQA support; a later chunk is causal from the lower right, never a dense mask.
+            if gqa:
+                group = self.n_heads // self.n_kv_heads
+                keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+            if start == 0:
+                out = F.scaled_dot_product_attention(query, keys, values, is_causal=True)
+            else:
+                bias = causal_lower_right(stop - start, stop)
+                out = F.scaled_dot_product_attention(query, keys, values, attn_mask=bias)
+            return out[0].transpose(0, 1)
         if start == 0:
             out = F.scaled_dot_product_attention(query, keys, values, is_causal=True, enable_gqa=gqa)
         else:
@@ -363,15 +416,17 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
     return x * cos + rotated * sin
 
 
-def _adapter_groups(adapters: list[LoraAdapter | None]) -> list[tuple[LoraAdapter, torch.Tensor]]:
-    """Row indices per adapter, for the rows that use one."""
+def _adapter_groups(
+    adapters: list[LoraAdapter | None], device: torch.device
+) -> list[tuple[LoraAdapter, torch.Tensor]]:
+    """Row indices per adapter (on the runner's device), for the rows that use one."""
     if not any(a is not None for a in adapters):
         return []
     rows: dict[int, tuple[LoraAdapter, list[int]]] = {}
     for row, adapter in enumerate(adapters):
         if adapter is not None:
             rows.setdefault(id(adapter), (adapter, []))[1].append(row)
-    return [(adapter, torch.tensor(idx, dtype=torch.long)) for adapter, idx in rows.values()]
+    return [(adapter, torch.tensor(idx, dtype=torch.long, device=device)) for adapter, idx in rows.values()]
 
 
 def _apply_lora(

@@ -4,6 +4,9 @@ A row may carry a grammar (grammar.py): its logits are masked to the tokens the 
 penalties and the draw, and the chosen token advances its grammar.  Greedy rows (temperature 0) take one
 batched argmax; sampling rows each draw from their own seeded
 `torch.Generator`, so a request's output depends on its seed and input, not on what else shares the batch.
+The logits may be on the GPU: the argmax, penalties and logprobs run where they are and only token ids and
+the chosen numbers cross to the host; a sampling row draws on the host (its generator is a CPU one), so a
+seed means the same stream on every device.
 """
 
 from __future__ import annotations
@@ -57,14 +60,17 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Sampl
         wants_raw = any(s.params.logprobs for s in samplers)
         logits = apply_grammar_masks(logits.clone() if wants_raw else logits, grammars)
     logits = _apply_penalties(logits, samplers)
+    device = logits.device
     chosen = torch.empty(len(samplers), dtype=torch.long)
     greedy_rows = [i for i, s in enumerate(samplers) if s.greedy]
-    if greedy_rows:
+    if len(greedy_rows) == len(samplers):
+        chosen = logits.argmax(dim=-1).cpu()
+    elif greedy_rows:
         index = torch.tensor(greedy_rows)
-        chosen[index] = logits[index].argmax(dim=-1)
+        chosen[index] = logits[index.to(device)].argmax(dim=-1).cpu()
     for row, sampler in enumerate(samplers):
         if not sampler.greedy:
-            chosen[row] = _draw(logits[row], sampler)
+            chosen[row] = _draw(logits[row].cpu(), sampler)
     token_ids = chosen.tolist()
     for sampler, token in zip(samplers, token_ids, strict=True):
         sampler.generated.append(token)
@@ -74,7 +80,7 @@ def sample_batch(logits: torch.Tensor, samplers: list[SequenceSampler]) -> Sampl
     if not any(s.params.logprobs for s in samplers):
         return SampleResult(token_ids, None, None)
     log_probs = torch.log_softmax(raw, dim=-1)
-    picked = log_probs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
+    picked = log_probs.gather(1, chosen.to(device).unsqueeze(1)).squeeze(1).tolist()
     k = max(s.params.top_logprobs for s in samplers)
     top: list[list[tuple[int, float]]] = [[] for _ in samplers]
     if k:
@@ -93,7 +99,8 @@ def _apply_penalties(logits: torch.Tensor, samplers: list[SequenceSampler]) -> t
     vocab = logits.shape[-1]
     for row in rows:
         sampler = samplers[row]
-        counts = torch.bincount(torch.tensor(sampler.generated), minlength=vocab)[:vocab].to(logits.dtype)
+        generated = torch.tensor(sampler.generated, device=logits.device)
+        counts = torch.bincount(generated, minlength=vocab)[:vocab].to(logits.dtype)
         logits[row] -= sampler.params.frequency_penalty * counts
         logits[row] -= sampler.params.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
