@@ -2,8 +2,8 @@
 
 The app hands each field to Litestar as a dependency of the same name (`registry`, `chat`, `responses`,
 `embeddings`, `models`, `files`, `jobs`, `settings`, `metrics`, `audit_log`, `worker`, plus the request's
-`principal` and `request_state`), so handlers receive what they need as parameters and nothing reads a string-keyed dict.
-`start`/`close` run in the app's lifespan.
+`principal` and `request_state`), so handlers receive what they need as parameters and nothing reads a
+string-keyed dict.  `start`/`close` run in the app's lifespan.
 """
 
 from __future__ import annotations

@@ -295,6 +295,11 @@ class LimitSettings:
         "address and window counts them. 0 = no limit.",
     )
 
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "tenant_concurrency", _auto_int("limits.tenant_concurrency", self.tenant_concurrency)
+        )
+
 
 @dataclass(frozen=True)
 class QuotaSettings:
@@ -320,11 +325,6 @@ class QuotaSettings:
         "request is charged its real usage when it ends); while the bucket is empty -> 429 with Retry-After. "
         "0 = no limit.",
     )
-
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self, "tenant_concurrency", _auto_int("limits.tenant_concurrency", self.tenant_concurrency)
-        )
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,13 @@ from gateway.core.settings import Settings, auto_value
 from gateway.engine.base import Engine
 from gateway.engine.embeddings import EmbeddingEngine
 
-__all__ = ["EmbeddingEngineFactory", "EngineFactory", "build_embedding_engine", "build_engine", "build_vllm_engine"]
+__all__ = [
+    "EmbeddingEngineFactory",
+    "EngineFactory",
+    "build_embedding_engine",
+    "build_engine",
+    "build_vllm_engine",
+]
 
 EngineFactory = Callable[[str], Engine]
 EmbeddingEngineFactory = Callable[[str], EmbeddingEngine]

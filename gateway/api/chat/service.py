@@ -402,6 +402,8 @@ def _charging(on_usage: UsageSink, tokens: TokenBudget, tenant: str) -> UsageSin
         tokens.charge(tenant, prompt_tokens + completion_tokens)
 
     return usage
+
+
 def _tool_calls_in(index: int, message: p.ChatMessageIn) -> tuple[dict[str, Any], ...]:
     """An assistant's earlier calls (tool_calls, or the deprecated function_call), checked for shape."""
     calls = list(message.tool_calls) if message.tool_calls is not msgspec.UNSET else []

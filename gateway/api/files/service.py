@@ -92,6 +92,10 @@ class FileService:
         self.max_train_rows = max_train_rows
         self.quotas = quotas
         self._quota_lock = threading.Lock()  # usage check + insert as one step (this process owns uploads)
+        self.max_record_bytes = max_record_bytes
+        # validation gets a thread of its own: a large upload queues here, never on the default pool that
+        # also runs job creation and the hot-load poll
+        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-upload")
 
     def check_quota(self, principal: Principal, incoming_bytes: int = 0) -> None:
         """403 quota_exceeded when one more file of `incoming_bytes` passes the tenant's quotas."""
@@ -101,10 +105,6 @@ class FileService:
         self.quotas.check_storage(
             principal.tenant, used_files=used_files, used_bytes=used_bytes, incoming_bytes=incoming_bytes
         )
-        self.max_record_bytes = max_record_bytes
-        # validation gets a thread of its own: a large upload queues here, never on the default pool that
-        # also runs job creation and the hot-load poll
-        self._validator = ThreadPoolExecutor(max_workers=1, thread_name_prefix="validate-upload")
 
     def receive(self) -> Upload:
         return Upload(self.blobs.tmp_dir, self.max_upload_bytes)
