@@ -52,7 +52,13 @@ def test_deep_nesting_is_a_400_not_a_recursion_error(depth: int) -> None:
 
 def test_a_wide_body_still_decodes() -> None:
     messages = [{"role": "user", "content": "[{"}] * 200
-    body = json.dumps({"model": "m", "messages": messages, "tools": [{"a": [[1]]}] * 100}).encode()
+    body = json.dumps(
+        {
+            "model": "m",
+            "messages": messages,
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"a": [[1]]}}}] * 100,
+        }
+    ).encode()
     assert len(decode_body(body, ChatCompletionRequest).messages) == 200
 
 
