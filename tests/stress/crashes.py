@@ -64,6 +64,13 @@ def _last_step(client: openai.OpenAI, job_id: str) -> int:
     return max(steps, default=0)
 
 
+def _total_steps(client: openai.OpenAI, job_id: str) -> int:
+    totals = [
+        int(e.data.get("total_steps") or 0) for e in events(client, job_id) if e.type == "metrics" and e.data
+    ]
+    return max(totals, default=0)
+
+
 def _newest_checkpoint(client: openai.OpenAI, job_id: str) -> int:
     listed = client.fine_tuning.jobs.checkpoints.list(job_id).data
     return max((c.step_number for c in listed), default=0)
@@ -112,7 +119,11 @@ def kill_worker_mid_training(
             if start < checkpoint:
                 report.failures.append(f"{job.id} resumed at step {start}, before checkpoint {checkpoint}")
             report.lost_steps.append(max(0, step - start))
-        if len(resumed) != len(planned) + 1:
+        # A kill after the last step (while the adapter is published) resumes nothing to train: the job
+        # finishes from its checkpoints without a new start; every kill before it must restart training.
+        total = _total_steps(client, job.id)
+        mid_training = sum(1 for _, step in planned if not total or step < total)
+        if not mid_training + 1 <= len(resumed) <= len(planned) + 1:
             report.failures.append(f"{job.id}: {len(planned)} kills but {len(resumed)} training starts")
         newest = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
         for model in (done.fine_tuned_model, newest):  # the adapters load and answer: nothing corrupt
