@@ -271,6 +271,7 @@ class Chat:
     max_tokens: int | None = None
     separate: bool = False  # a blank line between replies (piped input: no prompt shows where one starts)
     replies: int = 0
+    embedders: frozenset[str] = frozenset()  # /v1/models lists embedding models too; they cannot chat
 
     def say(self, text: str) -> None:
         """Stream one reply; remember the turn only if it completed.
@@ -307,7 +308,7 @@ class Chat:
         self.session.remember(text, reply.text)
 
     def model_ids(self) -> list[str]:
-        return [m.id for m in self.client.models.list().data]
+        return [m.id for m in self.client.models.list().data if m.id not in self.embedders]
 
     def switch_model(self, model: str) -> None:
         import openai
@@ -388,6 +389,7 @@ def run(args: argparse.Namespace, *, stdin: IO[str] | None = None, out: IO[str] 
         client = make_client(url, args.token or dev_token(settings), ca)
         chat = Chat(client, ChatSession(model=""), url, out, err, args.temperature, args.max_tokens)
         chat.session.system = args.system
+        chat.embedders = frozenset(settings.embeddings.names())
         try:
             models = chat.model_ids()  # one call proves the address, the certificate and the token
         except Exception as exc:
