@@ -76,10 +76,12 @@ def test_create_answers_like_chat_with_the_same_tokens(client: openai.OpenAI) ->
         model=MODEL, messages=[{"role": "user", "content": QUESTION}], temperature=0, max_tokens=40
     )
     result = client.responses.create(model=MODEL, input=QUESTION, temperature=0, max_output_tokens=40)
-    validate("Response", result.model_dump(exclude_unset=True))
+    validate("Response", result.model_dump(exclude_unset=True, by_alias=True))
     assert result.object == "response" and result.id.startswith("resp_") and result.model == MODEL
     assert result.status == "completed" and result.error is None and result.incomplete_details is None
-    assert result.model_dump(exclude_unset=True)["store"] is False  # nothing is kept server-side
+    assert (
+        result.model_dump(exclude_unset=True, by_alias=True)["store"] is False
+    )  # nothing is kept server-side
     [message] = result.output
     assert message.type == "message" and message.role == "assistant" and message.status == "completed"
     assert result.output_text == chat.choices[0].message.content and "Paris" in result.output_text
@@ -103,7 +105,7 @@ def test_instructions_and_a_message_list_are_the_chat_conversation(client: opena
         temperature=0,
         max_output_tokens=30,
     )
-    validate("Response", result.model_dump(exclude_unset=True))
+    validate("Response", result.model_dump(exclude_unset=True, by_alias=True))
     chat = client.chat.completions.create(
         model=MODEL,
         messages=[
@@ -125,7 +127,7 @@ def test_max_output_tokens_ends_incomplete(client: openai.OpenAI) -> None:
     result = client.responses.create(
         model=MODEL, input="Write a long story about a dragon.", max_output_tokens=16, temperature=0
     )
-    validate("Response", result.model_dump(exclude_unset=True))
+    validate("Response", result.model_dump(exclude_unset=True, by_alias=True))
     assert result.status == "incomplete"
     assert result.incomplete_details is not None and result.incomplete_details.reason == "max_output_tokens"
     assert result.output[0].status == "incomplete" and result.output_text
@@ -147,7 +149,7 @@ def test_sdk_stream_events_in_order_and_final_text_is_the_deltas(client: openai.
     assert final.output_text == "".join(deltas) == whole.output_text
     assert final.status == "completed" and final.usage is not None
     assert final.usage.output_tokens == whole.usage.output_tokens  # type: ignore[union-attr]
-    validate("Response", final.model_dump(exclude_unset=True, exclude={"output_parsed"}))
+    validate("Response", final.model_dump(exclude_unset=True, by_alias=True, exclude={"output_parsed"}))
 
 
 def test_raw_sdk_stream_events_match_the_spec(client: openai.OpenAI) -> None:
@@ -157,7 +159,7 @@ def test_raw_sdk_stream_events_match_the_spec(client: openai.OpenAI) -> None:
         )
     )
     for event in events:
-        check_event(event.model_dump(exclude_unset=True))
+        check_event(event.model_dump(exclude_unset=True, by_alias=True))
     assert events[-1].type in ("response.completed", "response.incomplete")
     assert len({e.response.id for e in events if hasattr(e, "response")}) == 1
 
@@ -293,7 +295,7 @@ def test_text_format_json_schema(client: openai.OpenAI) -> None:
         max_output_tokens=60,
         temperature=0,  # type: ignore[arg-type]
     )
-    validate("Response", result.model_dump(exclude_unset=True))
+    validate("Response", result.model_dump(exclude_unset=True, by_alias=True))
     assert result.text.format.type == "json_schema"  # type: ignore[union-attr]
     assert set(json.loads(result.output_text)) == {"city", "country"}
 
@@ -314,7 +316,7 @@ def test_function_tools_and_a_tool_round_trip(client: openai.OpenAI) -> None:
         max_output_tokens=60,
         temperature=0,  # type: ignore[arg-type, list-item]
     )
-    validate("Response", result.model_dump(exclude_unset=True))
+    validate("Response", result.model_dump(exclude_unset=True, by_alias=True))
     calls = [item for item in result.output if item.type == "function_call"]
     assert calls and calls[0].name == "get_weather" and "city" in json.loads(calls[0].arguments)
     follow_up = [
@@ -330,5 +332,5 @@ def test_function_tools_and_a_tool_round_trip(client: openai.OpenAI) -> None:
     answer = client.responses.create(
         model=MODEL, input=follow_up, tools=[TOOL], max_output_tokens=40, temperature=0
     )  # type: ignore[arg-type, list-item]
-    validate("Response", answer.model_dump(exclude_unset=True))
+    validate("Response", answer.model_dump(exclude_unset=True, by_alias=True))
     assert answer.status in ("completed", "incomplete") and answer.output

