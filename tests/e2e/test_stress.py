@@ -25,7 +25,7 @@ from tests.stress.overload import overload, release_after_walking_away
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow, pytest.mark.timeout(3600)]
 
-TENANT_SCOPES = "models:read chat files:read files:write fine_tuning:read fine_tuning:write"
+TENANT_SCOPES = "models:read chat embeddings files:read files:write fine_tuning:read fine_tuning:write"
 MODEL = "smollm2-135m-instruct"
 SEED = 20261203
 MAX_RUNNING, MAX_QUEUED = 2, 2  # a small engine, so twice its capacity is a handful of streams
@@ -65,6 +65,8 @@ def test_fuzz_from_the_spec(gateway: Gateway) -> None:
     assert report.requests >= SIZES.fuzz_requests
     assert report.failure_count == 0, "\n".join(report.failures)
     assert report.server_errors == 0
+    verdict = audit_verify(gateway)
+    assert verdict.returncode == 0, (verdict.stdout, verdict.stderr)
 
 
 def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:

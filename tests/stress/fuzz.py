@@ -32,12 +32,15 @@ from tests.spec import validate
 __all__ = ["OURS", "FuzzReport", "fuzz"]
 
 MODEL = "smollm2-135m-instruct"
+EMBEDDING_MODEL = "all-minilm-l6-v2"
 # (method, spec path) -> weight: the bodies with the most to get wrong get the most requests.
 OURS: dict[tuple[str, str], int] = {
     ("POST", "/chat/completions"): 4,
     ("POST", "/completions"): 4,
     ("POST", "/files"): 3,
     ("POST", "/fine_tuning/jobs"): 3,
+    ("POST", "/responses"): 3,
+    ("POST", "/embeddings"): 2,
     ("GET", "/models"): 1,
     ("GET", "/models/{model}"): 1,
     ("DELETE", "/models/{model}"): 1,
@@ -50,6 +53,10 @@ OURS: dict[tuple[str, str], int] = {
     ("POST", "/fine_tuning/jobs/{fine_tuning_job_id}/cancel"): 1,
     ("GET", "/fine_tuning/jobs/{fine_tuning_job_id}/checkpoints"): 1,
     ("GET", "/fine_tuning/jobs/{fine_tuning_job_id}/events"): 1,
+    ("GET", "/responses/{response_id}"): 1,
+    ("DELETE", "/responses/{response_id}"): 1,
+    ("POST", "/responses/{response_id}/cancel"): 1,
+    ("GET", "/responses/{response_id}/input_items"): 1,
 }
 
 
@@ -152,7 +159,8 @@ def _run_operation(
     @given(case=operation.as_strategy(generation_mode=mode))
     def send(case: Any) -> None:
         if isinstance(case.body, dict) and "model" in case.body and rng.random() < 0.6:
-            case.body["model"] = MODEL  # past the 404 for an unknown model, into the engine
+            # past the 404 for an unknown model, into the engine
+            case.body["model"] = EMBEDDING_MODEL if operation.path == "/embeddings" else MODEL
         try:
             # our token on every request: negative mode would otherwise spend a third of its requests on 401s
             # (tests/e2e/test_security.py covers bad tokens)
