@@ -77,7 +77,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, needs_grad: bool
     ) -> torch.Tensor:
         rows = max(1, _LOGITS_PER_CHUNK // weight.shape[0])
