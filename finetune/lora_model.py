@@ -2,7 +2,9 @@
 
 Kept apart from the loop because building it is where the device, the dtype, bitsandbytes and peft meet, and
 none of that changes while training runs.  The base is switched to the packed attention of finetune.packed,
-and on a CPU LoRA's dropout is swapped for a cheaper one with the same distribution (CpuDropout).
+its plain-Linear LoRA layers get finetune.fast_lora's lean forward, and on a CPU the dropout modules peft's
+own forward still uses (QLoRA's layers) are swapped for a cheaper one with the same distribution (CpuDropout).
+The base is bf16 where the device computes bf16 natively (compute_dtype), fp32 elsewhere.
 """
 
 from __future__ import annotations
