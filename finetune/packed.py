@@ -66,9 +66,9 @@ _LOGITS_PER_CHUNK = 1 << 24
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """sum_i CE(hidden_i @ weight^T, targets_i), chunk by chunk, the gradient found in the same pass.
 
-    The logits of a chunk are computed in fp32, reduced to their log-sum-exp and turned into
-    softmax - onehot in place, which times `weight` is the hidden rows' gradient: no logits tensor is
-    kept for backward and no log-softmax is run twice.  `weight` is frozen (the vocabulary projection).
+    The logits of a chunk are computed in fp32, turned into log-probabilities, then in place into
+    softmax - onehot, which times `weight` is the hidden rows' gradient: no logits tensor is kept for
+    backward (memory: one chunk, not all rows).  `weight` is frozen (the vocabulary projection).
     """
     return _LinearCrossEntropy.apply(
         hidden, weight, targets, torch.is_grad_enabled() and hidden.requires_grad
@@ -87,14 +87,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], rows):
                 part = hidden[start : start + rows].to(weight.dtype)
                 target = targets[start : start + rows]
-                logits = (part @ weight.t()).float()
-                lse = torch.logsumexp(logits, dim=-1)
-                picked = logits.gather(1, target.unsqueeze(1)).squeeze(1)
-                total += (lse - picked).sum()
-                if grad is not None:  # d loss / d logits = softmax - onehot
-                    logits.sub_(lse.unsqueeze(1)).exp_()
-                    logits.scatter_add_(1, target.unsqueeze(1), logits.new_full((len(target), 1), -1.0))
-                    grad[start : start + rows] = (logits.to(weight.dtype) @ weight).to(grad.dtype)
+                log_probs = torch.log_softmax((part @ weight.t()).float(), dim=-1)
+                total -= log_probs.gather(1, target.unsqueeze(1)).sum()
+                if grad is not None:  # d loss / d logits = softmax - onehot, in place of the log-probs
+                    probs = log_probs.exp_()
+                    probs.scatter_add_(1, target.unsqueeze(1), probs.new_full((len(target), 1), -1.0))
+                    grad[start : start + rows] = (probs.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad if grad is not None else hidden.new_empty(0))
         return total
 
