@@ -2,7 +2,9 @@
 
 Kept apart from the loop because building it is where the device, the dtype, bitsandbytes and peft meet, and
 none of that changes while training runs.  The base is switched to the packed attention of finetune.packed,
-and on a CPU LoRA's dropout is swapped for a cheaper one with the same distribution (CpuDropout).
+its plain-Linear LoRA layers get finetune.fast_lora's lean forward, and on a CPU the dropout modules peft's
+own forward still uses (QLoRA's layers) are swapped for a cheaper one with the same distribution (CpuDropout).
+The base is bf16 where the device computes bf16 natively (compute_dtype), fp32 elsewhere.
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ from typing import Any
 import torch
 
 from contracts.base_models import load_model
+from finetune import fast_lora
 from finetune.config import TrainConfig
 from finetune.packed import PACKED_ATTENTION
 
-__all__ = ["CpuDropout", "build_model", "pick_device"]
+__all__ = ["CpuDropout", "build_model", "compute_dtype", "cpu_has_native_bf16", "pick_device"]
 
 
 def pick_device(choice: str) -> torch.device:
@@ -26,9 +29,21 @@ def pick_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    # bf16 halves memory and doubles speed on GPUs that have it; CPUs train in fp32 (slow bf16 matmuls).
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+def cpu_has_native_bf16() -> bool:
+    """AVX512-BF16 or AMX: the CPU multiplies bf16 in hardware (elsewhere emulated, slower than fp32)."""
+    probes = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
+    return any(getattr(torch.cpu, probe, lambda: False)() for probe in probes)
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """bf16 where the device computes it natively (CUDA with bf16, AVX512-BF16 / AMX CPUs), else fp32.
+
+    In bf16 the frozen base weights are stored in bf16 and the forward runs under autocast, while the LoRA
+    parameters, their gradients and AdamW's state stay fp32 (peft keeps adapters in fp32: master weights).
+    """
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32
 
@@ -36,7 +51,7 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
 def build_model(config: TrainConfig, device: torch.device) -> Any:
     from peft import LoraConfig, get_peft_model
 
-    dtype = _compute_dtype(device)
+    dtype = compute_dtype(device)
     if config.quantization_bit is None:
         model = load_model(config.base_model_path, dtype=dtype, device=str(device))
         if config.gradient_checkpointing:
@@ -61,6 +76,7 @@ def build_model(config: TrainConfig, device: torch.device) -> Any:
                 for name, dropout in dropouts.items():
                     if isinstance(dropout, torch.nn.Dropout):
                         dropouts[name] = CpuDropout(dropout.p)
+    fast_lora.install(peft_model)  # plain-Linear layers only: QLoRA's keep peft's forward
     peft_model.train()
     return peft_model
 

@@ -7,6 +7,7 @@ This module is the loop and what it holds (Run); the pieces it calls each have t
     finetune.config       TrainConfig: the run's hyperparameters and their checks
     finetune.lora_model   the base model (quantized or not) with LoRA adapters, on its device
     finetune.packed       the forward pass over a packed row: attention per example, learned-token logits
+    finetune.fast_lora    the lean LoRA forward: shared dropout mask and A matmul per input, one addmm
     finetune.checkpoints  atomic checkpoints, the fingerprint that guards resuming, the staging sweep
     finetune.metrics      loss / throughput windows and metrics.csv
 
@@ -17,9 +18,13 @@ Where the speed comes from (bench/bench_training.py measures it against the Hugg
   fast path);
 - a prompt prefix the examples of a batch share (system prompt, instruction) is computed once, and tokens
   after an example's last learned one not at all: both leave the loss and its gradients unchanged;
-- logits are computed only where a label is learned (`logits_to_keep`): for chat data most tokens are prompt,
-  and the 49k-wide vocabulary projection is the largest single matmul of a small model;
-- on a CPU, LoRA dropout draws its masks as float uniforms (`CpuDropout`), not double-precision bernoullis.
+- logits are computed only where a label is learned, chunk by chunk with the gradient found in the same pass
+  (finetune.packed.linear_cross_entropy): for chat data most tokens are prompt, and the 49k-wide vocabulary
+  projection is the largest single matmul of a small model;
+- LoRA runs a lean forward (finetune.fast_lora): the projections that read one input (q/k/v, gate/up) share
+  one dropout mask and one matmul against their stacked A matrices, and scaling folds into one addmm;
+- bf16 base weights with fp32 LoRA parameters under autocast where bf16 is native (CUDA, AVX512-BF16 / AMX
+  CPUs: finetune.lora_model.compute_dtype); fp32 where it would be emulated.
 
 Checkpoints (adapter + optimizer, scheduler and RNG state) are written atomically; a run resumes from the
 latest complete one and continues the exact loss curve it would have followed.  Only counts and losses are

@@ -489,6 +489,8 @@ def test_qlora_4bit_trains_on_cpu(base_model: Path, chat_file: Path, tmp_path: P
         projections = [m for n, m in run.model.named_modules() if n.endswith("self_attn.q_proj.base_layer")]
         assert projections and all(isinstance(m, bnb.nn.Linear4bit) for m in projections)
         assert projections[0].weight.quant_type == "nf4"
+        adapted = [m for m in run.model.modules() if hasattr(m, "lora_dropout")]
+        assert adapted and not [m for m in adapted if hasattr(m, "_lean_group")]  # peft's forward for bnb
     finally:
         trainer.cleanup(config.output_dir, run)
     events = Recorder()
@@ -521,6 +523,7 @@ def test_setup_builds_lora_on_every_projection_with_cpu_dropout(
         adapted = [m for m in run.model.modules() if hasattr(m, "lora_dropout")]
         assert len(adapted) == 7 * 2
         assert all(isinstance(m.lora_dropout["default"], CpuDropout) for m in adapted)
+        assert all(hasattr(m, "_lean_group") for m in adapted)  # finetune.fast_lora's forward
         assert run.model.get_base_model().config._attn_implementation == PACKED_ATTENTION
     finally:
         trainer.cleanup(config.output_dir, run)
