@@ -16,15 +16,19 @@ Load (bench/load.py): exactly N streaming requests in flight for each N, `--toke
 Per traffic each engine is started fresh, back to back (ours, then vLLM), each started as it ships: ours as
 `gateway serve` over HTTPS (tests/e2e/harness.py), vLLM as `python -m vllm.entrypoints.openai.api_server`
 (gateway/engine/vllm/server.py's command line, VLLM_CPU_KVCACHE_SPACE=2 unless set).  With --write each
-traffic's tables replace its part of the vs-vllm section of bench/RESULTS.md (`vs-vllm-base`,
-`vs-vllm-lora`), after every engine, so a cut-short run keeps what it measured.
+traffic's table updates its part of the vs-vllm section of bench/RESULTS.md (`vs-vllm-base`, `vs-vllm-lora`)
+after every engine, so a cut-short run keeps what it measured; the cells of earlier runs stay (each cell
+names its run) unless `--fresh`, so one traffic may be measured in several locked runs of under 15 minutes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -36,7 +40,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.load import Burst, client_limits, cpu_name, streams
-from bench.results import write_section
+from bench.results import RESULTS, write_section
 from contracts.base_models import embedded_gguf, prepare
 from contracts.lora import LORA_TARGET_MODULES
 from contracts.names import fine_tuned_name
@@ -216,39 +220,76 @@ def _cell(burst: Burst) -> str:
     return f"{burst.tokens_per_second:.1f} tok/s, TTFT p50 {burst.ttft_p50:.2f} s"
 
 
-def table(title: str, vllm_label: str, ours: Results, vllm: Results, concurrency: Sequence[int]) -> str:
-    ns = [n for n in concurrency if n in ours or n in vllm]
+# What a section shows: engine -> N -> {"tps", "ttft", "run"}; kept in the section as a comment, so a traffic
+# measured in several shorter locked runs (`--concurrency`, `--engines`) adds up to one table, each cell
+# saying which run measured it.
+Cells = dict[str, dict[str, dict[str, float | str]]]
+_DATA = re.compile(r"<!-- vs-vllm-data (\{.*?\}) -->")
 
-    def row(label: str, cells: list[str]) -> str:
-        return f"| {label} | " + " | ".join(cells) + " |"
 
-    def tps(results: Results, n: int) -> str:
-        return f"{results[n].tokens_per_second:.1f}" if n in results else "-"
+def _cells(results: Results, run: str) -> dict[str, dict[str, float | str]]:
+    return {
+        str(n): {"tps": round(b.tokens_per_second, 2), "ttft": round(b.ttft_p50, 3), "run": run}
+        for n, b in results.items()
+    }
 
-    def ttft(results: Results, n: int) -> str:
-        return f"{results[n].ttft_p50:.2f}" if n in results else "-"
 
-    def ratio(n: int, field: str) -> str:
+def previous_cells(kind: str) -> Cells:
+    text = RESULTS.read_text() if RESULTS.exists() else ""
+    start, end = f"<!-- vs-vllm-{kind}:start -->", f"<!-- vs-vllm-{kind}:end -->"
+    if start not in text or end not in text:
+        return {}
+    match = _DATA.search(text.split(start, 1)[1].split(end, 1)[0])
+    return json.loads(match[1]) if match else {}
+
+
+def table(kind: str, cells: Cells) -> str:
+    lora = kind == "lora"
+    label = "vLLM --enable-lora" if lora else "vLLM (no LoRA)"
+    title = (
+        "Mixed traffic over 4 fine-tuned LoRA adapters (r=8, all linear projections; request i of client c "
+        "names adapter (c + i) mod 4), ours against vLLM with --enable-lora serving the same adapters"
+        if lora
+        else "Base-model traffic, ours against vLLM without LoRA (its best setting for it)"
+    )
+    ours, vllm = cells.get("ours", {}), cells.get("vllm", {})
+    ns = sorted({*ours, *vllm}, key=int)
+
+    def row(name: str, values: list[str]) -> str:
+        return f"| {name} | " + " | ".join(values) + " |"
+
+    def value(side: dict[str, dict[str, float | str]], n: str, key: str, fmt: str) -> str:
+        return format(float(side[n][key]), fmt) if n in side else "-"
+
+    def ratio(n: str, key: str) -> str:
         if n not in ours or n not in vllm:
             return "-"
-        if field == "tps":
-            return f"{ours[n].tokens_per_second / vllm[n].tokens_per_second:.2f}x"
-        return f"{ours[n].ttft_p50 / vllm[n].ttft_p50:.2f}x"
+        return f"{float(ours[n][key]) / float(vllm[n][key]):.2f}x"
 
-    return "\n".join(
-        [
-            f"**{title}**",
-            "",
-            row("requests in flight", [str(n) for n in ns]),
-            row("---", ["---"] * len(ns)),
-            row("ours tok/s", [tps(ours, n) for n in ns]),
-            row(f"{vllm_label} tok/s", [tps(vllm, n) for n in ns]),
-            row("**ours / vLLM tok/s**", [ratio(n, "tps") for n in ns]),
-            row("ours TTFT p50 s", [ttft(ours, n) for n in ns]),
-            row(f"{vllm_label} TTFT p50 s", [ttft(vllm, n) for n in ns]),
-            row("ours / vLLM TTFT p50", [ratio(n, "ttft") for n in ns]),
-        ]
-    )
+    runs = sorted({str(c["run"]) for side in (ours, vllm) for c in side.values()})
+    run_of = {run: chr(ord("a") + i) for i, run in enumerate(runs)}
+
+    def run_row(side: dict[str, dict[str, float | str]]) -> list[str]:
+        return [run_of[str(side[n]["run"])] if n in side else "-" for n in ns]
+
+    lines = [
+        f"**{title}**",
+        "",
+        row("requests in flight", ns),
+        row("---", ["---"] * len(ns)),
+        row("ours tok/s", [value(ours, n, "tps", ".1f") for n in ns]),
+        row(f"{label} tok/s", [value(vllm, n, "tps", ".1f") for n in ns]),
+        row("**ours / vLLM tok/s**", [f"**{ratio(n, 'tps')}**" for n in ns]),
+        row("ours TTFT p50 s", [value(ours, n, "ttft", ".2f") for n in ns]),
+        row(f"{label} TTFT p50 s", [value(vllm, n, "ttft", ".2f") for n in ns]),
+        row("ours / vLLM TTFT p50", [ratio(n, "ttft") for n in ns]),
+        row("run (ours / vLLM)", [f"{o} / {v}" for o, v in zip(run_row(ours), run_row(vllm), strict=True)]),
+        "",
+        "Runs: " + "; ".join(f"{letter} = {run}" for run, letter in run_of.items()) + ".",
+        "",
+        f"<!-- vs-vllm-data {json.dumps(cells, sort_keys=True)} -->",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> int:
@@ -263,13 +304,20 @@ def main() -> int:
     parser.add_argument("--vllm-python", type=Path, default=REPO / ".venv-vllm" / "bin" / "python")
     parser.add_argument("--vllm-timeout", type=float, default=900)
     parser.add_argument("--write", action="store_true", help="update the vs-vllm section of bench/RESULTS.md")
+    parser.add_argument(
+        "--fresh", action="store_true", help="with --write: drop the cells earlier runs left in the section"
+    )
     args = parser.parse_args()
     if args.engines != "ours" and not args.vllm_python.exists():
         print(f"no {args.vllm_python}: run `make vllm` first", file=sys.stderr)
         return 2
     kinds = ["base", "lora"] if args.traffic == "both" else [args.traffic]
-    started = time.monotonic()
-    sections: list[str] = []
+    run = (
+        f"{dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC, `bench_vs_vllm.py --traffic {args.traffic} --engines "
+        f"{args.engines} --concurrency {' '.join(map(str, args.concurrency))}"
+        + (f" --ours-env {' '.join(args.ours_env)}`" if args.ours_env else "`")
+    )
+    printed: list[str] = []
     with tempfile.TemporaryDirectory(prefix="bench-vs-vllm-") as tmp:
         root = Path(tmp)
         model_dir = prepare(MODEL, embedded_gguf(), root / "models")
@@ -277,51 +325,39 @@ def main() -> int:
         adapter_paths = make_adapters(model_dir, root / "adapters", args.adapters) if "lora" in kinds else []
         for kind in kinds:
             adapters = adapter_paths if kind == "lora" else []
-            ours: Results = {}
-            vllm: Results = {}
-            label = "vLLM --enable-lora" if adapters else "vLLM (no LoRA)"
-            title = (
-                f"Mixed traffic over {len(adapters)} LoRA adapters (r={RANK}, all linear projections)"
-                if adapters
-                else "Base-model traffic"
-            )
-
-            def current(
-                ours: Results = ours, vllm: Results = vllm, title: str = title, label: str = label
-            ) -> str:
-                return table(title, label, ours, vllm, args.concurrency)
-
+            cells: Cells = {} if args.fresh or not args.write else previous_cells(kind)
             if args.engines in ("ours", "both"):
-                ours.update(run_ours(root, model_dir, adapters, args, kind))
-                _write(args, kind, current(), started)
+                ours = run_ours(root, model_dir, adapters, args, kind)
+                cells.setdefault("ours", {}).update(_cells(ours, run))
+                _write(args, kind, cells)
             if args.engines in ("vllm", "both"):
-                vllm.update(run_vllm(root, model_dir, adapters, args, kind))
-                _write(args, kind, current(), started)
-            sections.append(_body(args, kind, current(), started))
-    print("\n\n".join(sections))
+                vllm = run_vllm(root, model_dir, adapters, args, kind)
+                cells.setdefault("vllm", {}).update(_cells(vllm, run))
+                _write(args, kind, cells)
+            printed.append(_body(args, kind, cells))
+    print("\n\n".join(printed))
     return 0
 
 
-def _body(args: argparse.Namespace, kind: str, section: str, started: float) -> str:
-    extra = f" Ours with {' '.join(args.ours_env)}." if args.ours_env else ""
-    return "\n\n".join(
+def _body(args: argparse.Namespace, kind: str, cells: Cells) -> str:
+    return "\n".join(
         [
-            f"Model {MODEL} (converted once, both engines load the same directory); CPU: {cpu_name()}, "
+            f"Model {MODEL} (converted once; both engines load the same directory); CPU: {cpu_name()}, "
             f"{os.cpu_count()} cores. vllm-cpu 0.32 (`python -m vllm.entrypoints.openai.api_server`, "
             "VLLM_CPU_KVCACHE_SPACE=2) against ours (`gateway serve`, local engine defaults, tenant limits "
-            f"raised). {args.tokens} new tokens per request (ignore_eos, greedy), exactly N requests in "
-            f"flight, {args.rounds} rounds per client; each engine started fresh, back to back, in one run "
-            f"of {(time.monotonic() - started) / 60:.0f} min. Command: `python bench/bench_vs_vllm.py "
-            f"--traffic {kind} --concurrency {' '.join(map(str, args.concurrency))}`.{extra}",
-            section,
+            f"raised: they are policy, not speed). {args.tokens} new tokens per request (ignore_eos, greedy), "
+            f"exactly N requests in flight, {args.rounds} rounds per client; in each run every engine is "
+            "started fresh, back to back (ours first). Ratio > 1x: ours faster; TTFT ratio < 1x: ours sooner.",
+            "",
+            table(kind, cells),
         ]
     )
 
 
-def _write(args: argparse.Namespace, kind: str, section: str, started: float) -> None:
-    """Each traffic kind owns one part of the vs-vllm section (so they can be measured in separate runs)."""
+def _write(args: argparse.Namespace, kind: str, cells: Cells) -> None:
+    """Each traffic kind owns one part of the vs-vllm section (`vs-vllm-base`, `vs-vllm-lora`)."""
     if args.write:
-        write_section(f"vs-vllm-{kind}", _body(args, kind, section, started))
+        write_section(f"vs-vllm-{kind}", _body(args, kind, cells))
 
 
 if __name__ == "__main__":

@@ -71,7 +71,10 @@ def main() -> int:
                 runner.step(batch)
                 times.append((time.perf_counter() - start) * 1000)
             ms = statistics.median(times)
-            print(f"rows {rows}: step {ms:.1f} ms, {ms / rows:.2f} ms/row, {rows * 1000 / ms:.0f} tok/s", flush=True)
+            print(
+                f"rows {rows}: step {ms:.1f} ms, {ms / rows:.2f} ms/row, {rows * 1000 / ms:.0f} tok/s",
+                flush=True,
+            )
             if args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
