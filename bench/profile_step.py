@@ -2,8 +2,8 @@
 
     python bench/profile_step.py [--rows 32 64] [--context 80] [--lora 0] [--profile] [--steps 20]
 
-Builds the runner exactly as the engine does (converted SmolLM2-135M, bf16 weights, the int4 decode copy
-for steps of at most `--quantized-max-rows` rows), fills N slots with `--context` tokens of context, and times
+Builds the runner as the engine does on this machine (converted SmolLM2-135M; models.dtype and
+engine.quantization resolved as the engine resolves them, or as given), fills N slots with `--context` tokens of context, and times
 `--steps` decode steps per N (median ms, and ms per row).  `--lora K` gives the rows K adapters (round robin).
 `--profile` adds torch.profiler's top ops by self CPU time for each N.  A tool for bench/RESULTS.md's
 analysis of what flattens the serving curve; it writes nothing.
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from contracts.base_models import embedded_gguf, load_model, prepare
+from gateway.engine.local.precision import resolve_dtype, resolve_quantization
 from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch
 
 MODEL = "smollm2-135m-instruct"
@@ -33,22 +34,25 @@ def main() -> int:
     parser.add_argument("--rows", type=int, nargs="+", default=[32, 64])
     parser.add_argument("--context", type=int, default=80)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--quantization", default="int4", choices=("int4", "int8", "none"))
+    parser.add_argument("--dtype", default="auto", help="models.dtype (auto: as the engine resolves it here)")
+    parser.add_argument("--quantization", default="auto", help="engine.quantization (auto: as the engine)")
     parser.add_argument("--quantized-max-rows", type=int, default=16)
     parser.add_argument("--lora", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--profile", type=int, nargs="*", default=[], help="rows to profile")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="profile-step-") as tmp, torch.inference_mode():
         model_dir = prepare(MODEL, embedded_gguf(), Path(tmp) / "models")
         model = load_model(model_dir, dtype="float32")
-        scheme = None if args.quantization == "none" else args.quantization
+        dtype = resolve_dtype(args.dtype)
+        scheme = resolve_quantization(args.quantization, dtype, model_dir)
+        print(f"dtype {dtype}, quantization {scheme}, threads {torch.get_num_threads()}", flush=True)
         runner = ModelRunner(
             model,
             max_slots=max(args.rows),
             max_model_len=2048,
-            dtype=torch.bfloat16,
+            dtype=dtype,
             quantization=scheme,
             quantized_max_rows=args.quantized_max_rows,
         )
@@ -75,7 +79,7 @@ def main() -> int:
                 f"rows {rows}: step {ms:.1f} ms, {ms / rows:.2f} ms/row, {rows * 1000 / ms:.0f} tok/s",
                 flush=True,
             )
-            if args.profile:
+            if rows in args.profile:
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
