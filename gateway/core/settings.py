@@ -167,7 +167,8 @@ class EngineSettings:
         "Weight-only quantized copy of the weights for steps of at most quantized_max_rows rows, where "
         "decoding is bound by the bytes of weights read: int4 (groups of 32), int8 (per row) or none. auto = "
         "as many bits as the GGUF the model was converted from (int4 for Q4 files), none for other models. "
-        "Needs bfloat16 weights on the CPU (models.dtype).",
+        "CPU only, with bfloat16 or float32 weights (models.dtype; fp32 steps hand the kernels bf16 "
+        "activations).",
     )
     quantized_max_rows: int = _f(
         16, "Largest step (rows) the quantized copy serves; larger use dense ones (crossover ~20 rows here)."
