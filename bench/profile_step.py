@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch
 
 from contracts.base_models import embedded_gguf, load_model, prepare
-from gateway.engine.local.precision import resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import resolve_dtype, resolve_quantization, resolve_quantized_max_rows
 from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch
 
 MODEL = "smollm2-135m-instruct"
@@ -36,7 +36,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--dtype", default="auto", help="models.dtype (auto: as the engine resolves it here)")
     parser.add_argument("--quantization", default="auto", help="engine.quantization (auto: as the engine)")
-    parser.add_argument("--quantized-max-rows", type=int, default=16)
+    parser.add_argument("--quantized-max-rows", type=int, default=None, help="default: auto, as the engine")
     parser.add_argument("--lora", type=int, default=0)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--profile", type=int, nargs="*", default=[], help="rows to profile")
@@ -54,7 +54,7 @@ def main() -> int:
             max_model_len=2048,
             dtype=dtype,
             quantization=scheme,
-            quantized_max_rows=args.quantized_max_rows,
+            quantized_max_rows=resolve_quantized_max_rows(args.quantized_max_rows, dtype),
         )
         adapters = _adapters(model, runner, args.lora, Path(tmp)) if args.lora else []
         del model

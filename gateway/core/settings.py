@@ -170,8 +170,11 @@ class EngineSettings:
         "CPU only, with bfloat16 or float32 weights (models.dtype; fp32 steps hand the kernels bf16 "
         "activations).",
     )
-    quantized_max_rows: int = _f(
-        16, "Largest step (rows) the quantized copy serves; larger use dense ones (crossover ~20 rows here)."
+    quantized_max_rows: int | str = _f(
+        "auto",
+        "Largest step (rows) the quantized copy serves; larger use dense ones. auto: 16 with bfloat16 "
+        "weights (the int4 kernel's crossover with dense bf16 on AVX-512/AMX CPUs), 12 with float32 weights "
+        "(CPUs without native bf16: on AVX2 int4 beats dense fp32 up to 12 rows and loses from 16).",
     )
     backend: str = _f(
         "local",
@@ -183,7 +186,7 @@ class EngineSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_queued", "prefill_token_budget"):
+        for name in ("max_running", "max_queued", "prefill_token_budget", "quantized_max_rows"):
             object.__setattr__(self, name, _auto_int(f"engine.{name}", getattr(self, name)))
         if self.device not in ENGINE_DEVICES:
             raise ValueError(f"engine.device must be one of {', '.join(ENGINE_DEVICES)}, not {self.device!r}")

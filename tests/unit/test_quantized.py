@@ -12,7 +12,12 @@ from transformers import LlamaForCausalLM
 
 from contracts.base_models import embedded_gguf, gguf_weight_bits, prepare
 from gateway.core.errors import EngineFailure
-from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import (
+    resolve_device,
+    resolve_dtype,
+    resolve_quantization,
+    resolve_quantized_max_rows,
+)
 from gateway.engine.local.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
 from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
 from tests.unit.tiny_models import tiny_llama_config
@@ -167,3 +172,9 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16  # whatever this CPU has
     assert resolve_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+def test_quantized_max_rows_auto_is_the_crossover_for_the_weights_dtype() -> None:
+    assert resolve_quantized_max_rows(None, torch.bfloat16) == 16
+    assert resolve_quantized_max_rows(None, torch.float32) == 12  # AVX2: int4 loses to dense fp32 at 16
+    assert resolve_quantized_max_rows(4, torch.float32) == 4  # configured: kept
