@@ -17,7 +17,7 @@ Per traffic each engine is started fresh, back to back (ours, then vLLM), each s
 `gateway serve` over HTTPS (tests/e2e/harness.py), vLLM as `python -m vllm.entrypoints.openai.api_server`
 (gateway/engine/vllm/server.py's command line, VLLM_CPU_KVCACHE_SPACE=2 unless set).  With --write each
 traffic's table updates its part of the vs-vllm section of bench/RESULTS.md (`vs-vllm-base`, `vs-vllm-lora`)
-after every engine, so a cut-short run keeps what it measured; the cells of earlier runs stay (each cell
+after every N, so a cut-short run keeps what it measured; the cells of earlier runs stay (each cell
 names its run) unless `--fresh`, so one traffic may be measured in several locked runs of under 15 minutes.
 """
 
@@ -32,7 +32,7 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import httpx
@@ -123,7 +123,12 @@ def register_adapters(data_dir: Path, adapters: Sequence[Path]) -> list[str]:
 
 
 def run_ours(
-    root: Path, model_dir: Path, adapters: Sequence[Path], args: argparse.Namespace, tag: str
+    root: Path,
+    model_dir: Path,
+    adapters: Sequence[Path],
+    args: argparse.Namespace,
+    tag: str,
+    done: Callable[[Results], None],
 ) -> Results:
     data_dir = root / f"data-{tag}"
     models = register_adapters(data_dir, adapters) if adapters else [MODEL]
@@ -157,13 +162,19 @@ def run_ours(
 
             results[n] = asyncio.run(burst())
             print(f"ours {tag} N={n}: {_cell(results[n])}", flush=True)
+            done(results)
         return results
     finally:
         gateway.stop()
 
 
 def run_vllm(
-    root: Path, model_dir: Path, adapters: Sequence[Path], args: argparse.Namespace, tag: str
+    root: Path,
+    model_dir: Path,
+    adapters: Sequence[Path],
+    args: argparse.Namespace,
+    tag: str,
+    done: Callable[[Results], None],
 ) -> Results:
     from gateway.engine.vllm.server import ManagedServer, server_command
 
@@ -211,6 +222,7 @@ def run_vllm(
 
             results[n] = asyncio.run(burst())
             print(f"vLLM {tag} N={n}: {_cell(results[n])}", flush=True)
+            done(results)
         return results
     finally:
         server.stop()
@@ -326,14 +338,17 @@ def main() -> int:
         for kind in kinds:
             adapters = adapter_paths if kind == "lora" else []
             cells: Cells = {} if args.fresh or not args.write else previous_cells(kind)
-            if args.engines in ("ours", "both"):
-                ours = run_ours(root, model_dir, adapters, args, kind)
-                cells.setdefault("ours", {}).update(_cells(ours, run))
-                _write(args, kind, cells)
-            if args.engines in ("vllm", "both"):
-                vllm = run_vllm(root, model_dir, adapters, args, kind)
-                cells.setdefault("vllm", {}).update(_cells(vllm, run))
-                _write(args, kind, cells)
+            for engine, runner in (("ours", run_ours), ("vllm", run_vllm)):
+                if args.engines not in (engine, "both"):
+                    continue
+
+                def done(
+                    results: Results, engine: str = engine, cells: Cells = cells, kind: str = kind
+                ) -> None:
+                    cells.setdefault(engine, {}).update(_cells(results, run))
+                    _write(args, kind, cells)  # after every N: a run cut short keeps what it measured
+
+                runner(root, model_dir, adapters, args, kind, done)
             printed.append(_body(args, kind, cells))
     print("\n\n".join(printed))
     return 0
