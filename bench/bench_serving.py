@@ -25,22 +25,12 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load import PROMPTS, client_limits, percentile, streams
 from bench.results import write_section
 from contracts.base_models import embedded_gguf, load_model, load_tokenizer, prepare
 from tests.e2e.harness import Gateway, make_certs
 
 MODEL = "smollm2-135m-instruct"
-PROMPTS = [
-    "Explain how a bank assesses the credit risk of a small business.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the benefits of regular exercise?",
-    "Describe the water cycle to a ten year old.",
-]
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def baseline(model_dir: Path, tokens: int, dtype: str) -> tuple[float, float]:
@@ -69,46 +59,15 @@ async def gateway_round(
     gateway: Gateway, token: str, concurrency: int, tokens: int, rounds: int
 ) -> tuple[float, list[float]]:
     """(aggregate completion tokens/s, every request's time to first token)."""
-    ttfts: list[float] = []
-    produced = 0
-
-    async def client(index: int, http: httpx.AsyncClient) -> None:
-        nonlocal produced
-        for r in range(rounds):
-            body = {
-                "model": MODEL,
-                "max_tokens": tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": PROMPTS[(index + r) % len(PROMPTS)]}],
-            }
-            start = time.perf_counter()
-            first = None
-            async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if first is None and '"content":"' in line and '"content":""' not in line:
-                        first = time.perf_counter() - start
-                    if '"usage":{' in line:
-                        produced += int(line.split('"completion_tokens":')[1].split(",")[0])
-            ttfts.append(first if first is not None else float("nan"))
-
-    limits = httpx.Limits(max_connections=concurrency + 2)
     async with httpx.AsyncClient(
         base_url=gateway.url,
         verify=gateway.verify(),
         timeout=600,
-        limits=limits,
+        limits=client_limits(concurrency),
         headers={"Authorization": f"Bearer {token}"},
     ) as http:
-        await client(0, http)  # warm-up: connection, first-step allocations
-        produced, ttfts = 0, []
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, http) for i in range(concurrency)))
-        elapsed = time.perf_counter() - start
-    return produced / elapsed, ttfts
+        burst = await streams(http, concurrency=concurrency, tokens=tokens, rounds=rounds, models=[MODEL])
+    return burst.tokens_per_second, burst.ttfts
 
 
 def main() -> int:

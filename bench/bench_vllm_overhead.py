@@ -14,83 +14,30 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.load import client_limits, cpu_name, streams
 from bench.results import write_section
 from contracts.base_models import embedded_gguf, prepare
 from tests.e2e.harness import REPO, Gateway, free_port, make_certs
 
 MODEL = "smollm2-135m-instruct"
-PROMPTS = [
-    "Explain how a bank assesses the credit risk of a small business.",
-    "Write a short story about a lighthouse keeper.",
-    "What are the benefits of regular exercise?",
-    "Describe the water cycle to a ten year old.",
-]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-async def streams(
-    http: httpx.AsyncClient, path: str, concurrency: int, tokens: int, rounds: int
-) -> tuple[float, list[float]]:
-    """(aggregate completion tokens/s, every request's time to first token in seconds)."""
-    ttfts: list[float] = []
-    produced = 0
-
-    async def client(index: int) -> None:
-        nonlocal produced
-        for r in range(rounds):
-            body = {
-                "model": MODEL,
-                "max_tokens": tokens,
-                "temperature": 0,
-                "ignore_eos": True,
-                "stream": True,
-                "stream_options": {"include_usage": True},
-                "messages": [{"role": "user", "content": PROMPTS[(index + r) % len(PROMPTS)]}],
-            }
-            start = time.perf_counter()
-            first = None
-            async with http.stream("POST", path, json=body) as response:
-                response.raise_for_status()
-                async for line in response.aiter_lines():
-                    if first is None and '"content":"' in line and '"content":""' not in line:
-                        first = time.perf_counter() - start
-                    if '"usage":{' in line:
-                        produced += int(line.split('"completion_tokens":')[1].split(",")[0].split("}")[0])
-            ttfts.append(first if first is not None else float("nan"))
-
-    await client(0)  # warm-up: connections, first-step allocations
-    produced, ttfts = 0, []
-    start = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(concurrency)))
-    return produced / (time.perf_counter() - start), ttfts
 
 
 async def measure(
     gateway: Gateway, vllm_url: str, token: str, concurrency: int, tokens: int, rounds: int
 ) -> tuple[tuple[float, list[float]], tuple[float, list[float]]]:
-    limits = httpx.Limits(max_connections=concurrency + 4)
+    limits = client_limits(concurrency)
+    load = {"concurrency": concurrency, "tokens": tokens, "rounds": rounds, "models": [MODEL]}
     async with httpx.AsyncClient(base_url=vllm_url, timeout=900, limits=limits) as direct:
-        vllm = await streams(direct, "/v1/chat/completions", concurrency, tokens, rounds)
+        vllm = await streams(direct, **load)
     async with httpx.AsyncClient(
         base_url=gateway.url,
         verify=gateway.verify(),
@@ -98,8 +45,8 @@ async def measure(
         limits=limits,
         headers={"Authorization": f"Bearer {token}"},
     ) as through:
-        ours = await streams(through, "/v1/chat/completions", concurrency, tokens, rounds)
-    return vllm, ours
+        ours = await streams(through, **load)
+    return (vllm.tokens_per_second, vllm.ttfts), (ours.tokens_per_second, ours.ttfts)
 
 
 def main() -> int:

@@ -167,10 +167,14 @@ class EngineSettings:
         "Weight-only quantized copy of the weights for steps of at most quantized_max_rows rows, where "
         "decoding is bound by the bytes of weights read: int4 (groups of 32), int8 (per row) or none. auto = "
         "as many bits as the GGUF the model was converted from (int4 for Q4 files), none for other models. "
-        "Needs bfloat16 weights on the CPU (models.dtype).",
+        "CPU only, with bfloat16 or float32 weights (models.dtype; fp32 steps hand the kernels bf16 "
+        "activations).",
     )
-    quantized_max_rows: int = _f(
-        16, "Largest step (rows) the quantized copy serves; larger use dense ones (crossover ~20 rows here)."
+    quantized_max_rows: int | str = _f(
+        "auto",
+        "Largest step (rows) the quantized copy serves; larger use dense ones. auto: 16 with bfloat16 "
+        "weights (the int4 kernel's crossover with dense bf16 on AVX-512/AMX CPUs), 12 with float32 weights "
+        "(CPUs without native bf16: on AVX2 int4 beats dense fp32 up to 12 rows and loses from 16).",
     )
     backend: str = _f(
         "local",
@@ -182,7 +186,7 @@ class EngineSettings:
     )
 
     def __post_init__(self) -> None:
-        for name in ("max_running", "max_queued", "prefill_token_budget"):
+        for name in ("max_running", "max_queued", "prefill_token_budget", "quantized_max_rows"):
             object.__setattr__(self, name, _auto_int(f"engine.{name}", getattr(self, name)))
         if self.device not in ENGINE_DEVICES:
             raise ValueError(f"engine.device must be one of {', '.join(ENGINE_DEVICES)}, not {self.device!r}")

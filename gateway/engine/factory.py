@@ -48,7 +48,7 @@ def build_engine(settings: Settings, name: str) -> Engine:
         max_adapters=settings.engine.max_adapters,
         threads=settings.engine.threads,
         quantization=settings.engine.quantization,
-        quantized_max_rows=settings.engine.quantized_max_rows,
+        quantized_max_rows=auto_value(settings.engine.quantized_max_rows),
     )
     local.start()
     return local

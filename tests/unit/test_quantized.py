@@ -12,7 +12,12 @@ from transformers import LlamaForCausalLM
 
 from contracts.base_models import embedded_gguf, gguf_weight_bits, prepare
 from gateway.core.errors import EngineFailure
-from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import (
+    resolve_device,
+    resolve_dtype,
+    resolve_quantization,
+    resolve_quantized_max_rows,
+)
 from gateway.engine.local.quantized import GROUP_SIZE, Int4Weight, Int8Weight, quantize
 from gateway.engine.local.runner import ModelRunner, PrefillSegment, StepBatch, UnsupportedModel
 from tests.unit.tiny_models import tiny_llama_config
@@ -82,10 +87,25 @@ def test_runner_uses_the_quantized_copy_for_small_steps_only() -> None:
         assert (q - d).abs().max() < 0.1 * d.abs().max()
 
 
-def test_runner_refuses_quantization_without_bf16() -> None:
+def test_an_fp32_runner_uses_the_quantized_copy_for_small_steps_too() -> None:
+    """A CPU without native bf16 serves fp32 weights; its small steps still read the int4 copy (bf16
+    activations in, fp32 out), its big ones the very same fp32 weights as without it."""
     model = LlamaForCausalLM(tiny_llama_config(128)).eval()
-    with pytest.raises(UnsupportedModel, match="bfloat16"):
-        ModelRunner(model, max_slots=1, max_model_len=16, quantization="int4")
+    ids, steps = [5, 17, 33, 2, 90, 11], [4, 8, 15]
+    dense = _decode(ModelRunner(model, max_slots=1, max_model_len=32), ids, steps)
+    runner = ModelRunner(model, max_slots=1, max_model_len=32, quantization="int4", quantized_max_rows=4)
+    quantized = _decode(runner, ids, steps)
+    assert all(q.dtype == torch.float32 for q in quantized)
+    torch.testing.assert_close(quantized[0], dense[0])  # the prefill: over quantized_max_rows
+    for q, d in zip(quantized[1:], dense[1:], strict=True):
+        assert not torch.equal(q, d)
+        assert (q - d).abs().max() < 0.1 * d.abs().max()
+
+
+def test_runner_refuses_quantization_without_bf16_or_fp32() -> None:
+    model = LlamaForCausalLM(tiny_llama_config(128)).eval()
+    with pytest.raises(UnsupportedModel, match="bfloat16 or float32"):
+        ModelRunner(model, max_slots=1, max_model_len=16, dtype=torch.float16, quantization="int4")
 
 
 def _converted_dir(tmp_path: Path, **marker: object) -> Path:
@@ -105,11 +125,13 @@ def test_auto_quantizes_only_as_far_as_the_source_gguf(tmp_path: Path) -> None:
     assert resolve_quantization("auto", bf16, eight) == "int8"
     assert resolve_quantization("auto", bf16, half) is None
     assert resolve_quantization("auto", bf16, plain) is None
-    assert resolve_quantization("auto", fp32, four) is None  # the fast kernels are bf16 only
+    assert resolve_quantization("auto", fp32, four) == "int4"  # bf16 activations into the kernel
+    assert resolve_quantization("auto", fp32, plain) is None
     assert resolve_quantization("none", bf16, four) is None
     assert resolve_quantization("int8", bf16, plain) == "int8"
-    with pytest.raises(EngineFailure, match="bfloat16"):
-        resolve_quantization("int4", fp32, plain)
+    assert resolve_quantization("int4", fp32, plain) == "int4"
+    with pytest.raises(EngineFailure, match="bfloat16 or float32"):
+        resolve_quantization("int4", torch.float16, plain)
 
 
 def test_gguf_weight_bits_reads_the_embedded_model_once(tmp_path: Path) -> None:
@@ -150,3 +172,9 @@ def test_device_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
     assert resolve_dtype("auto", torch.device("cuda", 0)) == torch.bfloat16  # whatever this CPU has
     assert resolve_dtype("float32", torch.device("cuda", 0)) == torch.float32
+
+
+def test_quantized_max_rows_auto_is_the_crossover_for_the_weights_dtype() -> None:
+    assert resolve_quantized_max_rows(None, torch.bfloat16) == 16
+    assert resolve_quantized_max_rows(None, torch.float32) == 12  # AVX2: int4 loses to dense fp32 at 16
+    assert resolve_quantized_max_rows(4, torch.float32) == 4  # configured: kept

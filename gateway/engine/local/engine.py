@@ -40,7 +40,12 @@ from gateway.engine.local.chat_template import render_prompt
 from gateway.engine.local.detokenizer import IncrementalDetokenizer, StopMatcher
 from gateway.engine.local.grammar import GrammarCompiler, RowGrammar
 from gateway.engine.local.lora import LoraAdapter
-from gateway.engine.local.precision import resolve_device, resolve_dtype, resolve_quantization
+from gateway.engine.local.precision import (
+    resolve_device,
+    resolve_dtype,
+    resolve_quantization,
+    resolve_quantized_max_rows,
+)
 from gateway.engine.local.quantized import Scheme
 from gateway.engine.local.runner import ModelRunner
 from gateway.engine.local.sampling import SequenceSampler
@@ -119,7 +124,7 @@ class LocalEngine:
         max_adapters: int = 8,
         threads: int = 0,
         quantization: str = "none",
-        quantized_max_rows: int = 16,
+        quantized_max_rows: int | None = None,
     ) -> None:
         self.model_name = model_name
         self._model_source = model_dir
@@ -145,7 +150,7 @@ class LocalEngine:
         self.max_adapters = max_adapters
         self.threads = threads
         self.quantization_setting = quantization
-        self.quantized_max_rows = quantized_max_rows
+        self.quantized_max_rows = resolve_quantized_max_rows(quantized_max_rows, self.dtype)
         self.quantization: Scheme | None = None
         self.tokenizer: Any = None
         self.grammars: GrammarCompiler | None = None  # built with the tokenizer, on the engine thread

@@ -123,8 +123,8 @@ class ModelRunner:
         self.quantization = quantization
         self.quantized_max_rows = quantized_max_rows if quantization else 0
         if quantization:
-            if self.dtype != torch.bfloat16 or self.device.type != "cpu":
-                raise UnsupportedModel("quantized decode weights need bfloat16 weights on the CPU")
+            if self.dtype not in (torch.bfloat16, torch.float32) or self.device.type != "cpu":
+                raise UnsupportedModel("quantized decode weights need bfloat16 or float32 weights on the CPU")
             for fused in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
                     compact = quantize(getattr(fused, name), quantization)
@@ -407,7 +407,13 @@ _SHORT_CONTEXT = 128  # a lone decode row up to this many tokens of context uses
 
 def _linear(x: torch.Tensor, layer: _Layer, name: str, compact: bool) -> torch.Tensor:
     quantized = layer.compact.get(name) if compact else None
-    return quantized.matmul(x) if quantized is not None else F.linear(x, getattr(layer, name))
+    if quantized is None:
+        return F.linear(x, getattr(layer, name))
+    if x.dtype == torch.bfloat16:
+        return quantized.matmul(x)
+    # fp32 weights (a CPU without native bf16): the packed kernels take bf16 activations; a few rows' worth
+    # of rounding, while the step reads a quarter (int4) of the weight bytes the fp32 copy would
+    return quantized.matmul(x.to(torch.bfloat16)).to(x.dtype)
 
 
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
