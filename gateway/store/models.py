@@ -75,6 +75,10 @@ class ModelsRepo:
     def ids(self) -> set[str]:
         return {row["id"] for row in self.db.query("SELECT id FROM models")}
 
+    def paths(self) -> set[str]:
+        """Every model's adapter directory, relative to the data dir."""
+        return {row["path"] for row in self.db.query("SELECT path FROM models")}
+
     def for_job(self, job_id: str) -> list[ModelRecord]:
         return [
             ModelRecord.from_row(r) for r in self.db.query("SELECT * FROM models WHERE job_id = ?", (job_id,))

@@ -67,14 +67,19 @@ class ScriptedTrainer:
         self.configs: list[FakeTrainConfig] = []
         self.started_at: list[int] = []
         self.data: list[bytes] = []
+        self.sealers: list[Any] = []
 
     def train(
         self,
         config: FakeTrainConfig,
         on_event: Callable[[str, str, dict[str, Any]], None],
         should_stop: Callable[[], bool],
+        *,
+        sealer: Any = None,
     ) -> Any:
+        """`sealer`: as the real trainer, every adapter file goes through it (the csv once, at the end)."""
         self.configs.append(config)
+        self.sealers.append(sealer)
         self.data.append(config.kwargs["training_file"].read_bytes())
         done = sorted(int(p.name.split("-")[-1]) for p in (config.output_dir / "checkpoints").glob("step-*"))
         resumed = done[-1] if done else 0
@@ -112,18 +117,23 @@ class ScriptedTrainer:
             with csv.open("a") as fh:
                 fh.write(f"{step},{loss},,0.001,50.0\n")
             if step == self.steps or (config.save_steps and step % config.save_steps == 0):
-                path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}")
+                path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}", sealer)
                 on_event("checkpoint", f"Checkpoint saved at step {step}", {"step": step, "path": str(path)})
-        final = _write_adapter(config.output_dir / "adapter")
+        final = _write_adapter(config.output_dir / "adapter", sealer)
+        if sealer is not None:
+            sealer.encrypt_stream([csv.read_bytes()], csv)
         return SimpleNamespace(
             adapter_dir=final, trained_tokens=10 * self.steps, metrics_csv=csv, steps=self.steps
         )
 
 
-def _write_adapter(path: Path) -> Path:
+def _write_adapter(path: Path, sealer: Any = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name, content in ADAPTER.items():
-        (path / name).write_bytes(content)
+        if sealer is None:
+            (path / name).write_bytes(content)
+        else:
+            sealer.encrypt_stream([content], path / name)
     return path
 
 
@@ -241,7 +251,13 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
     assert len(metrics) == 5 and metrics[0].data is not None and metrics[0].data["tokens_per_second"] == 50.0
     models = {m.id: m for m in setup.store.models.since(0)}
-    assert set(models) == {name, *(f"{name}:ckpt-step-{n}" for n in (2, 4, 5))}
+    # finetune.keep_checkpoints = 2: the export at step 2 went, rows and files, once step 5's was there
+    assert set(models) == {name, *(f"{name}:ckpt-step-{n}" for n in (4, 5))}
+    assert sorted(p.name for p in (setup.data / "adapters" / job.id).iterdir()) == [
+        "ckpt-step-4",
+        "ckpt-step-5",
+        "final",
+    ]
     for model in models.values():
         files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
         assert files == ADAPTER
@@ -250,7 +266,7 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     for filename in ADAPTER:
         assert (final_dir / filename).stat().st_ino == (last_dir / filename).stat().st_ino
     checkpoints = setup.store.checkpoints.list_page(job.id).items
-    assert [c.step for c in checkpoints] == [5, 4, 2]
+    assert [c.step for c in checkpoints] == [5, 4]  # the list agrees with the files
     assert checkpoints[1].metrics == {"step": 4, "train_loss": 0.5}  # the step's loss, logged just before
     results = setup.store.files.get(done.result_files[0], "acme")
     assert results is not None and results.purpose == "fine-tune-results"
@@ -367,13 +383,14 @@ def test_shutdown_hands_the_job_back_and_a_new_worker_resumes_it(setup: Setup) -
     back = setup.store.jobs.get(job.id)
     assert back is not None and back.status == "queued" and back.attempts == 0
     assert (setup.data / "work" / job.id / "trainer" / "checkpoints" / "step-4").is_dir()  # kept to resume
+    assert not (setup.data / "work" / job.id / "data").exists()  # but not the plaintext training data
     assert "will resume" in setup.events(job.id)[-1]
     resumed = ScriptedTrainer(steps=6)
     setup.worker(resumed, worker_id="w2").run_once()
     assert resumed.started_at == [5]  # after the latest complete checkpoint
     done = setup.store.jobs.get(job.id)
     assert done is not None and done.status == "succeeded"
-    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [6, 4, 2]
+    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [6, 4]  # keep_checkpoints
 
 
 def test_a_dead_workers_job_is_taken_over_after_its_lease(setup: Setup) -> None:
@@ -581,7 +598,13 @@ def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     assert adapter.num_modules == 2 * 7  # every linear projection of both layers ("all-linear")
     metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
     assert [e.data["step"] for e in reversed(metrics) if e.data] == [1, 2, 3, 4]
-    assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {1, 2, 3, 4}
+    # every step saved one; finetune.keep_checkpoints (2) exports stay, and the list agrees with the disk
+    assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {3, 4}
+    assert sorted(p.name for p in (setup.data / final.path).parent.iterdir()) == [
+        "ckpt-step-3",
+        "ckpt-step-4",
+        "final",
+    ]
     results = setup.store.files.get(done.result_files[0], None)
     assert results is not None and b"".join(setup.blobs.chunks(results.path)).startswith(b"step,train_loss")
     setup.store.close()
