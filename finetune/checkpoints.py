@@ -162,7 +162,7 @@ def adapter_files(model: Any) -> dict[str, bytes]:
 def write_sealed(sealer: Sealer, data: bytes | memoryview, path: Path) -> None:
     """`data` into `path` through the sealer (encrypted when encryption at rest is on), atomically, 0600."""
     view = memoryview(data)
-    sealer.encrypt_stream((view[i : i + _PIECE] for i in range(0, len(view), _PIECE)), path)
+    sealer.encrypt_stream((bytes(view[i : i + _PIECE]) for i in range(0, len(view), _PIECE)), path)
 
 
 def read_sealed(sealer: Sealer, path: Path) -> bytes:
