@@ -478,6 +478,54 @@ def test_adapters_and_training_data_are_encrypted_at_rest(
     assert result is not None and (setup.data / result.path).read_bytes().startswith(b"PGWENC")
 
 
+def test_a_handed_back_job_leaves_only_sealed_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    setup = _setup(tmp_path, privacy=PrivacySettings(encrypt_at_rest=True))
+    job = setup.job(save_steps=2)
+
+    def stop_at_step_4(step: int) -> None:
+        if step == 4:
+            worker.shutdown.set()  # as SIGTERM does
+
+    trainer = ScriptedTrainer(steps=6, on_step=stop_at_step_4)
+    worker = setup.worker(trainer, worker_id="w1")
+    worker.run_once()
+    assert trainer.sealers == [worker.cipher]  # the trainer seals with the data dir's cipher
+    work = setup.data / "work" / job.id
+    assert not (work / "data").exists()  # the decrypted training data is gone
+    kept = [p for p in work.rglob("*") if p.is_file() and p.name != "metrics.csv"]  # the fake's csv is plain
+    assert kept and all(p.read_bytes().startswith(b"PGWENC") for p in kept)
+    # the exports are the trainer's sealed files, hard-linked: no plaintext and no second copy
+    export = setup.data / "adapters" / job.id / "ckpt-step-4" / "adapter_model.safetensors"
+    sealed = work / "trainer" / "checkpoints" / "step-4" / "adapter_model.safetensors"
+    assert export.stat().st_ino == sealed.stat().st_ino and b"weights" not in export.read_bytes()
+    setup.worker(ScriptedTrainer(steps=6), worker_id="w2").run_once()
+    assert _job(setup, job.id).status == "succeeded" and not work.exists()
+    setup.store.close()
+
+
+def test_the_start_sweep_removes_plaintext_and_orphaned_exports(setup: Setup) -> None:
+    queued = setup.job()
+    data = setup.data / "work" / queued.id / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("left by a kill -9")
+    orphan = setup.data / "adapters" / queued.id / "ckpt-step-9"  # its row went, its files did not
+    staging = setup.data / "adapters" / queued.id / ".ckpt-step-10-x"
+    fresh = setup.data / "adapters" / queued.id / "ckpt-step-11"  # maybe between rename and row: kept
+    for path in (orphan, staging, fresh):
+        _write_adapter(path)
+    old = time.time() - 7200
+    for path in (orphan, staging):
+        os.utime(path, (old, old))
+    worker = setup.worker(ScriptedTrainer())
+    worker._sweep_work_dirs()
+    worker._sweep_adapters()
+    assert not data.exists() and (setup.data / "work" / queued.id).is_dir()
+    assert not orphan.exists() and not staging.exists() and fresh.is_dir()
+
+
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_the_worker_process_starts_and_stops_on_a_signal(tmp_path: Path, stop_signal: int) -> None:
     env = {**os.environ, "GATEWAY_DATA_DIR": str(tmp_path / "data"), "GATEWAY_FINETUNE__POLL_SECONDS": "0.01"}
