@@ -175,9 +175,7 @@ class Worker:
         finally:
             run.stop.set()
             beat.join(timeout=5)
-            if keep_work_dir:  # only the sealed checkpoints stay for the next attempt: never plaintext
-                _remove_plaintext(run.work_dir)
-            else:
+            if not keep_work_dir:
                 shutil.rmtree(run.work_dir, ignore_errors=True)
 
     def _should_stop(self, run: JobRun) -> bool:
@@ -209,6 +207,9 @@ class Worker:
         if run.stop_reason == "lost":  # another worker owns it now (our heartbeats stalled): hands off
             log.warning("worker.job_lost", job_id=run.job.id)
             return True
+        # only the sealed checkpoints stay for the next attempt, never plaintext (gone before the release, so
+        # no worker that claims the job next can be reading a copy we delete)
+        _remove_plaintext(run.work_dir)
         if self.store.jobs.release(run.job.id, self.worker_id):
             add_event(
                 self.store,
@@ -230,7 +231,7 @@ class Worker:
             if job is None or job.finished:
                 shutil.rmtree(path, ignore_errors=True)
             elif not (job.status == "running" and job.worker_id != self.worker_id):  # not another's live job
-                _remove_plaintext(path)
+                _remove_plaintext(path, older_than=time.time() - 60)  # nor one just claimed and decrypting
 
     def _sweep_adapters(self, min_age_seconds: float = 3600.0) -> None:
         """Remove what a crash left under <data_dir>/adapters: staging dirs and exports with no model row (the
@@ -255,9 +256,16 @@ class Worker:
                 job_dir.rmdir()  # once empty
 
 
-def _remove_plaintext(work_dir: Path) -> None:
-    """A kept work dir: the decrypted training data goes (checkpoints are sealed by the trainer)."""
-    shutil.rmtree(work_dir / "data", ignore_errors=True)
+def _remove_plaintext(work_dir: Path, *, older_than: float | None = None) -> None:
+    """A kept work dir: the decrypted training data goes (checkpoints are sealed by the trainer); with
+    `older_than`, only if it was last written before then."""
+    data = work_dir / "data"
+    try:
+        if older_than is not None and data.stat().st_mtime >= older_than:
+            return
+    except FileNotFoundError:
+        return
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def _stop_with_gateway_parent() -> None:

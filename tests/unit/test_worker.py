@@ -511,6 +511,9 @@ def test_the_start_sweep_removes_plaintext_and_orphaned_exports(setup: Setup) ->
     data = setup.data / "work" / queued.id / "data"
     data.mkdir(parents=True)
     (data / "train.jsonl").write_text("left by a kill -9")
+    os.utime(
+        data, (time.time() - 120, time.time() - 120)
+    )  # a fresh one may be another worker's, just claimed
     orphan = setup.data / "adapters" / queued.id / "ckpt-step-9"  # its row went, its files did not
     staging = setup.data / "adapters" / queued.id / ".ckpt-step-10-x"
     fresh = setup.data / "adapters" / queued.id / "ckpt-step-11"  # maybe between rename and row: kept
