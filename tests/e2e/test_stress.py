@@ -88,15 +88,18 @@ def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:
     assert ready.status_code == 200 and ready.json()["engine"] is True
 
 
-def test_a_client_walking_away_frees_its_slot_within_a_step_or_two(gateway: Gateway) -> None:
-    freed, step = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
-    print(
-        f"\nwalk-away: slot free {freed * 1000:.0f} ms after the client left "
-        f"(one decode step: {step * 1000:.0f} ms)"
-    )
-    # The scrape itself takes a few ms and the client's close needs a write to be noticed: allow two steps
-    # plus a scrape's worth, on a loaded 2-core machine.
-    assert freed <= 2 * step + 0.25, (freed, step)
+def test_a_client_walking_away_frees_its_slot_within_one_step(gateway: Gateway) -> None:
+    walks = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
+    for walk in walks:
+        print(
+            f"\nwalk-away: slot free {walk.freed * 1000:.0f} ms after the client left = {walk.steps:.2f} "
+            f"decode steps (one step: {walk.step * 1000:.0f} ms; one scrape: {walk.scrape * 1000:.0f} ms)"
+        )
+    # The abort reaches the engine as the connection drops and takes effect when the step in flight ends:
+    # within one step of the client leaving, give or take one scrape (the resolution), on a loaded machine
+    # for the median stream.
+    median = sorted(walks, key=lambda w: w.freed - w.scrape - w.step)[len(walks) // 2]
+    assert median.freed <= median.step + median.scrape, walks
 
 
 @pytest.fixture(scope="module")

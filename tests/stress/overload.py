@@ -126,9 +126,34 @@ def overload(gateway: Gateway, token: str, clients: int, seconds: float, seed: i
     return report
 
 
-def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, float]:
-    """One long stream left after three chunks: (seconds until its slot is free, seconds per decode step
-    measured on that stream)."""
+@dataclass(frozen=True)
+class WalkAway:
+    """One client that left a long stream after a few chunks."""
+
+    freed: float  # seconds from leaving until a scrape saw no running or queued sequence
+    step: float  # seconds per decode step, measured on that stream
+    scrape: float  # seconds one scrape took: the resolution of `freed`
+
+    @property
+    def steps(self) -> float:
+        return self.freed / self.step
+
+
+def _engine_counts(scrape: httpx.Client) -> tuple[float, float]:
+    """(running, queued) from one /metrics scrape."""
+    found: dict[str, float] = {}
+    for line in scrape.get("/metrics").text.splitlines():
+        for name in ("gateway_engine_running_sequences", "gateway_engine_queued_sequences"):
+            if line.startswith(name) and line[len(name)] in " {":
+                found.setdefault(name, float(line.rsplit(" ", 1)[1]))
+    return found["gateway_engine_running_sequences"], found["gateway_engine_queued_sequences"]
+
+
+def release_after_walking_away(gateway: Gateway, token: str, trials: int = 3) -> list[WalkAway]:
+    """Long streams each left after five chunks, one at a time.  The slot's release is watched over one
+    kept-alive connection scraping back to back, so `freed` is good to one scrape (a few ms); polling with a
+    new TLS connection per scrape and a sleep between (as `wait_idle` does) adds tens of ms, about a step of
+    this model."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -136,14 +161,26 @@ def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, flo
         "ignore_eos": True,
         "stream": True,
     }
-    arrivals: list[float] = []
-    with gateway.client(token) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, response.read().decode(errors="replace")
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                arrivals.append(time.monotonic())
-                if len(arrivals) >= 4:
+    results = []
+    with gateway.client() as scrape, gateway.client(token) as http:
+        _engine_counts(scrape)  # the scrape connection is open before the clock starts
+        for _ in range(trials):
+            arrivals: list[float] = []
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200, response.read().decode(errors="replace")
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        arrivals.append(time.monotonic())
+                        if len(arrivals) >= 5:
+                            break
+                assert _engine_counts(scrape)[0] == 1
+            left = time.monotonic()  # the response closed: httpx drops the connection mid-stream
+            while True:
+                before = time.monotonic()
+                if _engine_counts(scrape) == (0, 0):
                     break
-        assert gateway.metric("gateway_engine_running_sequences") == 1
-    step = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)  # the first chunk carries only the role
-    return wait_idle(gateway), step
+                assert before - left < 30, "the engine still runs the stream 30 s after its client left"
+            now = time.monotonic()
+            step = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)  # the first chunk carries only the role
+            results.append(WalkAway(freed=now - left, step=step, scrape=now - before))
+    return results
