@@ -350,7 +350,7 @@ def test_with_encryption_nothing_the_worker_writes_is_plaintext(sealed_gateway: 
     dir holds the training text or a readable safetensors header; the job then resumes from a sealed one."""
     client = sdk_client(sealed_gateway)
     rows = [{**row, "input": f"{row['input']} {CANARY}"} for row in finance_rows()]
-    job = create_job(client, upload_training_file(client, rows), n_epochs=20, batch_size=2, save_steps=1)
+    job = create_job(client, upload_training_file(client, rows), n_epochs=6, batch_size=2, save_steps=1)
     worker = WorkerProcess(sealed_gateway)
     worker.start()
     try:
