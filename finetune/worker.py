@@ -253,7 +253,8 @@ class Worker:
                     shutil.rmtree(path, ignore_errors=True)
                     log.info("worker.swept_adapter", job_id=job_dir.name)
             with contextlib.suppress(OSError):
-                job_dir.rmdir()  # once empty
+                if job_dir.stat().st_mtime < cutoff:  # not one a worker just made to export into
+                    job_dir.rmdir()  # once empty
 
 
 def _remove_plaintext(work_dir: Path, *, older_than: float | None = None) -> None:
