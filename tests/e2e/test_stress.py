@@ -92,14 +92,13 @@ def test_a_client_walking_away_frees_its_slot_within_one_step(gateway: Gateway) 
     walks = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
     for walk in walks:
         print(
-            f"\nwalk-away: slot free {walk.freed * 1000:.0f} ms after the client left = {walk.steps:.2f} "
-            f"decode steps (one step: {walk.step * 1000:.0f} ms; one scrape: {walk.scrape * 1000:.0f} ms)"
+            f"\nwalk-away: slot {'free' if walk.free_at_look else 'still held'} {walk.looked * 1000:.0f} ms "
+            f"= {walk.steps:.2f} decode steps after the client left (one step: {walk.step * 1000:.0f} ms; "
+            f"free by {walk.freed * 1000:.0f} ms)"
         )
-    # The abort reaches the engine as the connection drops and takes effect when the step in flight ends:
-    # within one step of the client leaving, give or take one scrape (the resolution), on a loaded machine
-    # for the median stream.
-    median = sorted(walks, key=lambda w: w.freed - w.scrape - w.step)[len(walks) // 2]
-    assert median.freed <= median.step + median.scrape, walks
+    # The row goes when the step in flight ends: 1.5 steps after the client left it is gone (the slack is for
+    # a loaded machine, whose step in flight may run longer than the ones measured before it).
+    assert sum(walk.free_at_look for walk in walks) >= len(walks) - 1, walks
 
 
 @pytest.fixture(scope="module")

@@ -130,13 +130,14 @@ def overload(gateway: Gateway, token: str, clients: int, seconds: float, seed: i
 class WalkAway:
     """One client that left a long stream after a few chunks."""
 
-    freed: float  # seconds from leaving until a scrape saw no running or queued sequence
     step: float  # seconds per decode step, measured on that stream
-    scrape: float  # seconds one scrape took: the resolution of `freed`
+    looked: float  # seconds after leaving that the one look at the engine was taken
+    free_at_look: bool  # whether that look saw no running or queued sequence
+    freed: float  # seconds after leaving a look first saw it free (`looked`, or later polls)
 
     @property
     def steps(self) -> float:
-        return self.freed / self.step
+        return self.looked / self.step
 
 
 def _engine_counts(scrape: httpx.Client) -> tuple[float, float]:
@@ -149,11 +150,17 @@ def _engine_counts(scrape: httpx.Client) -> tuple[float, float]:
     return found["gateway_engine_running_sequences"], found["gateway_engine_queued_sequences"]
 
 
-def release_after_walking_away(gateway: Gateway, token: str, trials: int = 3) -> list[WalkAway]:
-    """Long streams each left after five chunks, one at a time.  The slot's release is watched over one
-    kept-alive connection scraping back to back, so `freed` is good to one scrape (a few ms); polling with a
-    new TLS connection per scrape and a sleep between (as `wait_idle` does) adds tens of ms, about a step of
-    this model."""
+def release_after_walking_away(
+    gateway: Gateway, token: str, *, trials: int = 3, look_after_steps: float = 1.5
+) -> list[WalkAway]:
+    """Long streams each left after five chunks, one at a time; `look_after_steps` decode steps after leaving,
+    one look (a /metrics scrape over a connection opened beforehand) says whether the slot is free.
+
+    Nothing touches the server between leaving and the look, on purpose: a scrape costs the server ~10 ms of
+    GIL, which stretches the decode step in flight, so watching by polling delays the very release it
+    measures (polling back to back made a 60 ms step last 150-260 ms: 2-4.6 "steps").  The server drops the
+    row when the step in flight ends (its abort arrives within a few ms of the client leaving), so one step
+    plus slack for a loaded machine is when the look must find it free."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -173,14 +180,17 @@ def release_after_walking_away(gateway: Gateway, token: str, trials: int = 3) ->
                         arrivals.append(time.monotonic())
                         if len(arrivals) >= 5:
                             break
-                assert _engine_counts(scrape)[0] == 1
             left = time.monotonic()  # the response closed: httpx drops the connection mid-stream
-            while True:
-                before = time.monotonic()
-                if _engine_counts(scrape) == (0, 0):
-                    break
-                assert before - left < 30, "the engine still runs the stream 30 s after its client left"
-            now = time.monotonic()
             step = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)  # the first chunk carries only the role
-            results.append(WalkAway(freed=now - left, step=step, scrape=now - before))
+            time.sleep(max(0.0, left + look_after_steps * step - time.monotonic()))
+            looked = time.monotonic() - left
+            free = _engine_counts(scrape) == (0, 0)
+            freed = looked
+            while not free:
+                time.sleep(0.02)
+                free = _engine_counts(scrape) == (0, 0)
+                freed = time.monotonic() - left
+                assert freed < 30, "the engine still runs the stream 30 s after its client left"
+            results.append(WalkAway(step=step, looked=looked, free_at_look=freed == looked, freed=freed))
+            time.sleep(0.2)
     return results
