@@ -15,7 +15,6 @@ decrypts into memory, never into a file.  With encryption off the sealer is a Nu
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import io
 import json
@@ -148,11 +147,17 @@ def adapter_files(model: Any) -> dict[str, bytes]:
             tensor = tensor.clone()
         seen.add(storage)
         weights[name] = tensor.contiguous()
-    config = copy.deepcopy(model.peft_config["default"])
-    if config.base_model_name_or_path is None:
-        config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path", None) or None
-    config.inference_mode = True
-    settings = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    # The config as save_pretrained writes it, from the live object as peft does (a copy could list the
+    # target_modules set in another order), put back as it was afterwards.
+    config = model.peft_config["default"]
+    saved = config.base_model_name_or_path, config.inference_mode
+    try:
+        if config.base_model_name_or_path is None:
+            config.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path", None) or None
+        config.inference_mode = True
+        settings = {k: list(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}
+    finally:
+        config.base_model_name_or_path, config.inference_mode = saved
     return {
         "adapter_model.safetensors": save(weights, metadata={"format": "pt"}),
         "adapter_config.json": json.dumps(settings, indent=2, sort_keys=True).encode(),
