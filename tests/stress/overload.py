@@ -158,7 +158,7 @@ def release_after_walking_away(
 
     Nothing touches the server between leaving and the look, on purpose: a scrape costs the server ~10 ms of
     GIL, which stretches the decode step in flight, so watching by polling delays the very release it
-    measures (polling back to back made a 60 ms step last 150-260 ms: 2-4.6 "steps").  The server drops the
+    measures (polling back to back made a ~60 ms step last 124-266 ms: 2-4.6 "steps").  The server drops the
     row when the step in flight ends (its abort arrives within a few ms of the client leaving), so one step
     plus slack for a loaded machine is when the look must find it free."""
     body = {
