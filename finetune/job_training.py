@@ -1,10 +1,12 @@
 """Running one claimed job through finetune.trainer, and what the worker tracks while it trains.
 
 JobTrainer turns a job row into a trainer call: it prepares the job's base model, decrypts the training data
-into the job's private work dir, maps the job's hyperparameters onto TrainConfig, and turns the trainer's
-events into job events (one `metrics` event per logging step, an estimated finish time for the heartbeat).
-What the trainer raises comes out as JobFailed, with a message the user can act on, or as Stopped when
-training stopped because the worker was told to.  Nothing here logs training rows or file content.
+into the job's private work dir (removed the moment the trainer has read it), hands the trainer the data
+dir's cipher to seal its checkpoints with, maps the job's hyperparameters onto TrainConfig, and turns the
+trainer's events into job events (one `metrics` event per logging step, an estimated finish time for the
+heartbeat).  What the trainer raises comes out as JobFailed, with a message the user can act on, or as
+Stopped when training stopped because the worker was told to.  Nothing here logs training rows or file
+content.
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class JobTrainer:
                 config,
                 lambda kind, message, data: self._on_event(run, kind, message, data),
                 should_stop,
+                sealer=self.blobs.cipher,  # checkpoints sealed like the data dir's other files
             )
         except trainer.TrainingCancelled:
             raise Stopped() from None

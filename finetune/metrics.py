@@ -1,20 +1,21 @@
 """What a run reports: loss and throughput between two metrics events, and output_dir/metrics.csv.
 
 Counts and losses only, never a training row.  The CSV becomes the job's result file (the worker stores it
-for the user), so a resumed run rewrites it to hold each step once.
+for the user), so a resumed run holds each step once.
 """
 
 from __future__ import annotations
 
 import csv
-import os
+import io
 import time
 from pathlib import Path
 from typing import Any
 
+from contracts.blobs import Sealer
+
 __all__ = ["MetricsFile", "Window"]
 
-_PRIVATE_FILE = 0o600
 _METRICS_COLUMNS = ("step", "train_loss", "valid_loss", "learning_rate", "tokens_per_second")
 
 
@@ -43,22 +44,24 @@ class Window:
 
 
 class MetricsFile:
-    """output_dir/metrics.csv: a row per logged or validated step; a resumed run drops rows past its step."""
+    """output_dir/metrics.csv: a row per logged or validated step, held in memory while the run trains (each
+    checkpoint carries the rows so far, so a resumed run keeps them and holds each step once) and written,
+    sealed like the checkpoints, when the run ends."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self, path: Path, sealer: Sealer) -> None:
+        self.path, self.sealer = path, sealer
+        self.rows: list[dict[str, Any]] = []
 
-    def open(self, *, keep_until_step: int) -> None:
-        rows: list[dict[str, str]] = []
-        if keep_until_step and self.path.is_file():
-            with self.path.open(newline="") as fh:
-                rows = [row for row in csv.DictReader(fh) if int(row["step"]) <= keep_until_step]
-        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, _PRIVATE_FILE)
-        with os.fdopen(fd, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, _METRICS_COLUMNS)
-            writer.writeheader()
-            writer.writerows(rows)
+    def resume(self, rows: list[dict[str, Any]], *, until_step: int) -> None:
+        self.rows = [row for row in rows if int(row["step"]) <= until_step]
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a", newline="") as fh:
-            csv.DictWriter(fh, _METRICS_COLUMNS).writerow(row)
+        self.rows.append(dict(row))
+
+    def save(self) -> Path:
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, _METRICS_COLUMNS)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        self.sealer.encrypt_stream([text.getvalue().encode()], self.path)
+        return self.path

@@ -26,8 +26,10 @@ Where the speed comes from (bench/bench_training.py measures it against the Hugg
 - bf16 base weights with fp32 LoRA parameters under autocast where bf16 is native (CUDA, AVX512-BF16 / AMX
   CPUs: finetune.lora_model.compute_dtype); fp32 where it would be emulated.
 
-Checkpoints (adapter + optimizer, scheduler and RNG state) are written atomically; a run resumes from the
-latest complete one and continues the exact loss curve it would have followed.  Only counts and losses are
+Checkpoints (adapter + optimizer, scheduler and RNG state) are written atomically, and sealed by the
+`sealer` train() is given (the worker passes the data dir's cipher, so with encryption at rest nothing the
+run writes is plaintext on disk); a run resumes from the latest complete one and continues the exact loss
+curve it would have followed.  Only counts and losses are
 ever reported: never a training row.
 """
 
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 
 from contracts.base_models import load_tokenizer
+from contracts.blobs import Sealer
 from contracts.private_files import ensure_private_dir
 from contracts.training_data import load_conversations
 from finetune import packed
@@ -62,6 +65,7 @@ from finetune.checkpoints import (
 from finetune.config import InvalidSetting, TrainConfig
 from finetune.lora_model import build_model, pick_device
 from finetune.metrics import MetricsFile, Window
+from gateway.security.encryption import NullCipher
 
 # TrainConfig and InvalidSetting live in finetune.config; they are named here too because this module is the
 # trainer's interface (the worker, bench/bench_training.py and the tests take them from here).
@@ -94,13 +98,18 @@ def _never() -> bool:
 
 
 def train(
-    config: TrainConfig, on_event: EventSink = _ignore_event, should_stop: Callable[[], bool] = _never
+    config: TrainConfig,
+    on_event: EventSink = _ignore_event,
+    should_stop: Callable[[], bool] = _never,
+    *,
+    sealer: Sealer | None = None,
 ) -> TrainResult:
-    """Fine-tune a LoRA adapter; events: started, metrics, validation, checkpoint."""
+    """Fine-tune a LoRA adapter; events: started, metrics, validation, checkpoint.  `sealer` writes (and
+    reads back) every file of the run: the data dir's cipher; None writes plain files."""
     config.validate()
     run: Run | None = None
     try:
-        run = setup(config)
+        run = setup(config, sealer)
         return _train(run, on_event, should_stop)
     finally:
         cleanup(config.output_dir, run)
@@ -121,6 +130,7 @@ class Run:
     steps_per_epoch: list[int]
     fingerprint: str
     metrics: MetricsFile
+    sealer: Sealer
     step: int = 0
     trained_tokens: int = 0
     last_loss: float = math.nan
@@ -143,7 +153,8 @@ def _epoch_batches(config: TrainConfig, examples: list[Example], epoch: int) -> 
     return pack(examples, limit, config.seed + epoch, max_examples_per_batch=config.batch_size)
 
 
-def setup(config: TrainConfig) -> Run:
+def setup(config: TrainConfig, sealer: Sealer | None = None) -> Run:
+    sealer = sealer or NullCipher()
     ensure_private_dir(config.output_dir)
     remove_staging(config.output_dir)
     device = pick_device(config.device)
@@ -186,12 +197,12 @@ def setup(config: TrainConfig) -> Run:
         valid_batches=valid_batches,
         steps_per_epoch=steps_per_epoch,
         fingerprint=fingerprint(config),
-        metrics=MetricsFile(config.output_dir / "metrics.csv"),
+        metrics=MetricsFile(config.output_dir / "metrics.csv", sealer),
+        sealer=sealer,
     )
     checkpoint = config.resume_from or latest_checkpoint(config.output_dir)
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)
-    run.metrics.open(keep_until_step=run.step)
     return run
 
 
@@ -274,14 +285,14 @@ def _train(run: Run, on_event: EventSink, should_stop: Callable[[], bool]) -> Tr
             )  # published above: the disk is bounded
 
     adapter_dir = config.output_dir / "adapter"
-    write_dir_atomically(adapter_dir, lambda staging: save_adapter(run.model, staging))
+    write_dir_atomically(adapter_dir, lambda staging: save_adapter(run.model, staging, run.sealer))
     return TrainResult(
         adapter_dir=adapter_dir,
         trained_tokens=run.trained_tokens,
         steps=run.step,
         final_loss=run.last_loss,
         valid_loss=run.valid_loss,
-        metrics_csv=run.metrics.path,
+        metrics_csv=run.metrics.save(),
         checkpoints=complete_checkpoints(config.output_dir),
     )
 

@@ -11,8 +11,9 @@ with the gateway, here or on another machine, and talks to it only through the s
               `...:ckpt-step-N` models, success -> the final adapter, a metrics CSV, `fine_tuned_model`
     resume    a job whose worker was killed restarts from the trainer's latest complete checkpoint in the
               job's work dir; after MAX_ATTEMPTS interruptions it fails with a message saying so
-    shutdown  SIGTERM/SIGINT stop training at the next step and hand the job back to the queue, work dir kept;
-              a second signal exits at once (the job resumes from its checkpoint once its lease runs out)
+    shutdown  SIGTERM/SIGINT stop training at the next step and hand the job back to the queue, work dir kept
+              with its sealed checkpoints only (no plaintext: see below); a second signal exits at once (the
+              job resumes from its checkpoint once its lease runs out)
 
 This module is the loop and how each job ends; the parts have modules of their own:
     finetune.lease         the worker id (a slot per host) and the heartbeat that keeps a job's lease
@@ -20,9 +21,15 @@ This module is the loop and how each job ends; the parts have modules of their o
     finetune.publish       checkpoints and the final adapter -> model rows; the results file
 
 Every adapter reaches the store complete or not at all: files are written into a staging directory, which is
-renamed into place, and only then is the model row added (the gateway loads nothing without a row).  The work
-dir (plaintext training data, trainer checkpoints) is private and removed when the job ends, whatever the
-outcome.  Nothing here logs training rows or file content.
+renamed into place, and only then is the model row added (the gateway loads nothing without a row).
+
+At rest, with `privacy.encrypt_at_rest` on: the work dir (<data_dir>/work/<job>, 0700) holds the plaintext
+training data only from its decryption until the trainer has read it (job_training removes it then), and
+trainer checkpoints (adapter, optimizer state, metrics) only sealed by the data dir's cipher; resuming
+decrypts them into memory.  A job handed back keeps only those sealed checkpoints; a job that ends loses its
+work dir, whatever the outcome.  At start the worker sweeps what a crash can leave: plaintext data dirs,
+work dirs of finished jobs, adapter staging dirs and checkpoint exports whose rows are gone.  Nothing here
+logs training rows or file content.
 """
 
 from __future__ import annotations
@@ -85,7 +92,14 @@ class Worker:
             worker_id, self._slot_lock = take_slot(self.data_dir)
         self.worker_id = worker_id
         self.shutdown = threading.Event()
-        self.publisher = Publisher(self.store, self.blobs, self.cipher, self.data_dir, self.worker_id)
+        self.publisher = Publisher(
+            self.store,
+            self.blobs,
+            self.cipher,
+            self.data_dir,
+            self.worker_id,
+            keep_checkpoints=settings.finetune.keep_checkpoints,
+        )
         self.training = JobTrainer(
             settings, self.data_dir, self.store, self.blobs, self.publisher.checkpoint, trainer
         )
@@ -95,6 +109,7 @@ class Worker:
     def run_forever(self) -> None:
         log.info("worker.started", worker_id=self.worker_id)
         self._sweep_work_dirs()
+        self._sweep_adapters()
         while not self.shutdown.is_set():
             if not self.run_once():
                 self.shutdown.wait(self.settings.finetune.poll_seconds)
@@ -192,6 +207,9 @@ class Worker:
         if run.stop_reason == "lost":  # another worker owns it now (our heartbeats stalled): hands off
             log.warning("worker.job_lost", job_id=run.job.id)
             return True
+        # only the sealed checkpoints stay for the next attempt, never plaintext (gone before the release, so
+        # no worker that claims the job next can be reading a copy we delete)
+        _remove_plaintext(run.work_dir)
         if self.store.jobs.release(run.job.id, self.worker_id):
             add_event(
                 self.store,
@@ -203,7 +221,8 @@ class Worker:
         return True
 
     def _sweep_work_dirs(self) -> None:
-        """Remove work dirs of jobs that finished while no worker was there to clean up."""
+        """Remove work dirs of jobs that finished while no worker was there to clean up, and the plaintext a
+        worker killed mid-job left in the others (a resumed job decrypts its data again)."""
         root = self.data_dir / "work"
         if not root.is_dir():
             return
@@ -211,6 +230,43 @@ class Worker:
             job = self.store.jobs.get(path.name)
             if job is None or job.finished:
                 shutil.rmtree(path, ignore_errors=True)
+            elif not (job.status == "running" and job.worker_id != self.worker_id):  # not another's live job
+                _remove_plaintext(path, older_than=time.time() - 60)  # nor one just claimed and decrypting
+
+    def _sweep_adapters(self, min_age_seconds: float = 3600.0) -> None:
+        """Remove what a crash left under <data_dir>/adapters: staging dirs and exports with no model row (the
+        row goes first when a checkpoint is pruned or a model deleted).  Only ones untouched for an hour: a
+        worker elsewhere on the data dir may be between its rename and its row."""
+        root = self.data_dir / "adapters"
+        if not root.is_dir():
+            return
+        known = {Path(path) for path in self.store.models.paths()}
+        cutoff = time.time() - min_age_seconds
+        for job_dir in root.iterdir():
+            for path in job_dir.iterdir() if job_dir.is_dir() else ():
+                relative = path.relative_to(self.data_dir)
+                try:
+                    stale = path.stat().st_mtime < cutoff
+                except FileNotFoundError:
+                    continue
+                if stale and relative not in known:
+                    shutil.rmtree(path, ignore_errors=True)
+                    log.info("worker.swept_adapter", job_id=job_dir.name)
+            with contextlib.suppress(OSError):
+                if job_dir.stat().st_mtime < cutoff:  # not one a worker just made to export into
+                    job_dir.rmdir()  # once empty
+
+
+def _remove_plaintext(work_dir: Path, *, older_than: float | None = None) -> None:
+    """A kept work dir: the decrypted training data goes (checkpoints are sealed by the trainer); with
+    `older_than`, only if it was last written before then."""
+    data = work_dir / "data"
+    try:
+        if older_than is not None and data.stat().st_mtime >= older_than:
+            return
+    except FileNotFoundError:
+        return
+    shutil.rmtree(data, ignore_errors=True)
 
 
 def _stop_with_gateway_parent() -> None:

@@ -2,13 +2,17 @@
 
     quotas = Quotas(settings.quotas)
     quotas.check_storage(tenant, used=(files, bytes), incoming=upload.size)   # 403 quota_exceeded
+    quotas.check_job_storage(tenant, used_bytes)                                # 403 quota_exceeded
     quotas.check_waiting_jobs(tenant, waiting)                                  # 429 quota_exceeded
     quotas.tokens.check(tenant); ...; quotas.tokens.charge(tenant, used)        # 429 rate_limit_exceeded
 
-Storage and file count are stock (a tenant frees them by deleting files), so going past them is a 403 that
-says which limit and how much is in use.  Waiting jobs and tokens per minute clear by themselves, so they are
-429 with Retry-After.  The running-jobs quota is applied where jobs are claimed (store.jobs.claim), so a
-tenant's extra jobs wait in the queue instead of being refused.
+Storage and file count are stock (a tenant frees them by deleting files or fine-tuned models), so going past
+them is a 403 that says which limit and how much is in use.  Stored bytes are the tenant's files (uploads and
+job results) plus its jobs' adapters on disk (every checkpoint export and final adapter, store.usage): an
+upload that would pass the quota is refused, and so is a new job while the tenant is at or past it (a running
+job's checkpoints are not cut short, so one job may overshoot by its own outputs).  Waiting jobs and tokens
+per minute clear by themselves, so they are 429 with Retry-After.  The running-jobs quota is applied where
+jobs are claimed (store.jobs.claim), so a tenant's extra jobs wait in the queue instead of being refused.
 
 TokenBudget is a token bucket per tenant holding up to `tokens_per_minute`, refilled continuously.  A
 request is let in while the bucket holds at least one token and is charged its real usage (prompt +
@@ -110,10 +114,22 @@ class Quotas:
             )
         if limit_bytes > 0 and used_bytes + incoming_bytes > limit_bytes:
             raise QuotaExceeded(
-                f"This upload of {incoming_bytes} bytes would take this organization's stored files to "
-                f"{used_bytes + incoming_bytes} bytes, past its quota of {limit_bytes} bytes "
-                f"(quotas.stored_bytes; {used_bytes} in use); delete files to make room.",
+                f"This upload of {incoming_bytes} bytes would take this organization's stored files and "
+                f"fine-tuned models to {used_bytes + incoming_bytes} bytes, past its quota of {limit_bytes} "
+                f"bytes (quotas.stored_bytes; {used_bytes} in use); delete files or fine-tuned models to "
+                "make room.",
                 param="file",
+            )
+
+    def check_job_storage(self, tenant: str, used_bytes: int) -> None:
+        """Refuse a new fine-tuning job (its adapters will add to the stored bytes) once the tenant's stored
+        files and fine-tuned models reach `quotas.stored_bytes`."""
+        limit = self.settings.stored_bytes
+        if limit > 0 and used_bytes >= limit:
+            raise QuotaExceeded(
+                f"This organization's stored files and fine-tuned models take {used_bytes} bytes, its quota "
+                f"of {limit} bytes (quotas.stored_bytes); delete files or fine-tuned models before creating "
+                "a fine-tuning job."
             )
 
     def check_waiting_jobs(self, tenant: str, waiting: int) -> None:

@@ -309,8 +309,9 @@ class LimitSettings:
 class QuotaSettings:
     stored_bytes: int = _f(
         10 * 1024**3,
-        "Bytes of uploaded files one tenant may keep; an upload past it -> 403 quota_exceeded, nothing kept. "
-        "0 = no limit.",
+        "Bytes one tenant may keep on disk: its files (uploads, job results) plus its fine-tuned models' "
+        "adapters (every checkpoint export and final adapter). An upload past it -> 403 quota_exceeded, "
+        "nothing kept; at or past it a new fine-tuning job -> 403 too. 0 = no limit.",
     )
     files: int = _f(1000, "Uploaded files one tenant may keep; one more -> 403 quota_exceeded. 0 = no limit.")
     running_jobs: int = _f(
@@ -427,8 +428,9 @@ class FinetuneSettings:
     max_train_rows: int = _f(100_000, "Largest training file in rows.")
     keep_checkpoints: int = _f(
         2,
-        "Trainer checkpoints (adapter + optimizer state) a running job keeps in its work dir: the newest; "
-        "older ones are deleted once published. 0 = keep all.",
+        "Checkpoints a job keeps, the newest: trainer checkpoints (adapter + optimizer state) in its work "
+        "dir and their exports under adapters/ (the servable :ckpt-step-N models; an older one loses its "
+        "model and checkpoint rows, then its files). 0 = keep all.",
     )
     max_lora_rank: int = _f(64, "Largest lora_rank a job may ask for; more -> 400 (a rank's cost is linear).")
     max_checkpoints_per_job: int = _f(

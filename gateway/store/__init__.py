@@ -47,3 +47,9 @@ class Store:
 
     def close(self) -> None:
         self.db.close()
+
+    def usage(self, tenant: str, data_dir: Path) -> tuple[int, int]:
+        """(files, bytes) a tenant keeps, for its quotas: its files (uploads, results) by count, and as bytes
+        those files plus what its jobs' adapters take on disk (checkpoint exports, final adapters)."""
+        files, stored = self.files.usage(tenant)
+        return files, stored + self.models.disk_bytes(tenant, data_dir)

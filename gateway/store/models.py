@@ -6,8 +6,10 @@ for rows past the last `seq` it saw, never loads a half-written adapter.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 from dataclasses import dataclass
+from pathlib import Path
 
 from gateway.store.db import Database
 
@@ -74,6 +76,32 @@ class ModelsRepo:
 
     def ids(self) -> set[str]:
         return {row["id"] for row in self.db.query("SELECT id FROM models")}
+
+    def disk_bytes(self, tenant: str, data_dir: Path) -> int:
+        """Bytes a tenant's adapter directories take on disk (checkpoint exports and final adapters); a file
+        hard-linked into two of them (a final adapter is its last checkpoint's files) counts once."""
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for row in self.db.query("SELECT path FROM models WHERE tenant = ?", (tenant,)):
+            try:
+                entries = list(os.scandir(data_dir / row["path"]))
+            except OSError:  # removed meanwhile
+                continue
+            for entry in entries:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if (info.st_dev, info.st_ino) not in seen:
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_size
+        return total
+
+    def paths(self) -> set[str]:
+        """Every model's adapter directory, relative to the data dir."""
+        return {row["path"] for row in self.db.query("SELECT path FROM models")}
 
     def for_job(self, job_id: str) -> list[ModelRecord]:
         return [

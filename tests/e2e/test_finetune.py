@@ -3,16 +3,21 @@
 Upload ~30 Alpaca rows of finance-risk labels with curl, fine-tune with the openai SDK, watch the loss fall in
 the events, chat with the new model (temperature 0) and get the trained label where the base model does not;
 cancel a second job while it trains; SIGKILL the worker during a third and see it resume from a checkpoint
-after a restart; run a few QLoRA (NF4) steps on the CPU.  Measured numbers are printed (run with -s).
+after a restart; run a few QLoRA (NF4) steps on the CPU; with encryption at rest on (a gateway of its own),
+find no training text and no readable adapter under the data dir while a job trains and after a SIGTERM
+hand-back, then resume from the sealed checkpoint.  Measured numbers are printed (run with -s).
 """
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +27,17 @@ import openai
 import pytest
 
 from tests.e2e.harness import REPO, Gateway, non_json_lines, running
-from tests.e2e.jobs import BASE, LABELS, SCOPES, create_job, events, finance_rows, sdk_client, wait_for
+from tests.e2e.jobs import (
+    BASE,
+    LABELS,
+    SCOPES,
+    create_job,
+    events,
+    finance_rows,
+    sdk_client,
+    upload_training_file,
+    wait_for,
+)
 from tests.spec import validate
 
 # Generous limits: a shared CI machine can be several times slower than an idle one.
@@ -293,3 +308,75 @@ def test_qlora_trains_a_few_steps_on_the_cpu(
     assert started.data["quantization_bit"] == 4
     client.fine_tuning.jobs.cancel(job.id)
     assert non_json_lines(worker.logs()) == []  # bitsandbytes' hub-kernel warning and the like are quiet
+
+
+# ── encryption at rest: what the worker writes under the data dir ──────────────────────────────────────────
+
+CANARY = f"ATREST-CANARY-{uuid.uuid4().hex[:12]}"
+# a readable safetensors header names its metadata and the LoRA tensors; sealed files show neither
+PLAINTEXT_MARKS = [CANARY.encode(), b'"__metadata__"', b"lora_A"]
+
+
+@pytest.fixture(scope="module")
+def sealed_gateway(
+    tmp_path_factory: pytest.TempPathFactory, certs: Path, model_dir: Path
+) -> Iterator[Gateway]:
+    data = tmp_path_factory.mktemp("finetune-sealed") / "data"
+    extra = {
+        "GATEWAY_PRIVACY__ENCRYPT_AT_REST": "true",
+        "GATEWAY_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+    }
+    yield from running(
+        Gateway(data_dir=data, certs=certs, model_dir=model_dir, extra_env=extra), "--no-worker"
+    )
+
+
+def plaintext_on_disk(data_dir: Path) -> list[tuple[str, bytes]]:
+    """(file, mark) for every file under the data dir holding the training text or a readable adapter; base
+    models the operator installed (data/models) are no tenant's data and are skipped."""
+    found = []
+    for path in data_dir.rglob("*"):
+        if path.is_file() and not path.is_symlink() and path.relative_to(data_dir).parts[0] != "models":
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError:  # replaced or pruned while we looked
+                continue
+            found += [(str(path.relative_to(data_dir)), mark) for mark in PLAINTEXT_MARKS if mark in data]
+    return found
+
+
+def test_with_encryption_nothing_the_worker_writes_is_plaintext(sealed_gateway: Gateway) -> None:
+    """While a job trains (checkpoints at every step) and after a SIGTERM hand-back, no file under the data
+    dir holds the training text or a readable safetensors header; the job then resumes from a sealed one."""
+    client = sdk_client(sealed_gateway)
+    rows = [{**row, "input": f"{row['input']} {CANARY}"} for row in finance_rows()]
+    job = create_job(client, upload_training_file(client, rows), n_epochs=6, batch_size=2, save_steps=1)
+    worker = WorkerProcess(sealed_gateway)
+    worker.start()
+    try:
+        wait_for(
+            lambda: len(client.fine_tuning.jobs.checkpoints.list(job.id).data) >= 2, 900, "2 checkpoints"
+        )
+        running_scan = plaintext_on_disk(sealed_gateway.data_dir)
+        work = sealed_gateway.data_dir / "work" / job.id
+        assert (work / "trainer" / "checkpoints").is_dir()  # the scan saw the trainer's own checkpoints
+        worker.kill(signal.SIGTERM)  # hand the job back
+        assert client.fine_tuning.jobs.retrieve(job.id).status == "queued"
+        kept = [p for p in work.rglob("*") if p.is_file()]
+        assert plaintext_on_disk(sealed_gateway.data_dir) == [] and running_scan == []
+        assert kept and all(p.read_bytes().startswith(b"PGWENC") for p in kept), kept  # sealed, nothing else
+        worker.start()
+        resumed = wait_for(
+            lambda: next(
+                (e for e in events(client, job.id) if "resumed from the checkpoint" in e.message), None
+            ),
+            900,
+            "the job to resume",
+            worker.logs,
+        )
+        assert resumed.data["resumed_from_step"] >= 2
+        client.fine_tuning.jobs.cancel(job.id)
+        wait_for(lambda: not work.exists(), 60, "the work dir to go", worker.logs)
+        assert plaintext_on_disk(sealed_gateway.data_dir) == []
+    finally:
+        worker.kill(signal.SIGTERM)

@@ -90,15 +90,17 @@ def test_twice_the_engine_capacity_in_streams(gateway: Gateway) -> None:
     assert ready.status_code == 200 and ready.json()["engine"] is True
 
 
-def test_a_client_walking_away_frees_its_slot_within_a_step_or_two(gateway: Gateway) -> None:
-    freed, step = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
-    print(
-        f"\nwalk-away: slot free {freed * 1000:.0f} ms after the client left "
-        f"(one decode step: {step * 1000:.0f} ms)"
-    )
-    # The scrape itself takes a few ms and the client's close needs a write to be noticed: allow two steps
-    # plus a scrape's worth, on a loaded 2-core machine.
-    assert freed <= 2 * step + 0.25, (freed, step)
+def test_a_client_walking_away_frees_its_slot_within_one_step(gateway: Gateway) -> None:
+    walks = release_after_walking_away(gateway, gateway.token(TENANT_SCOPES))
+    for walk in walks:
+        print(
+            f"\nwalk-away: slot {'free' if walk.free_at_look else 'still held'} {walk.looked * 1000:.0f} ms "
+            f"= {walk.steps:.2f} decode steps after the client left (one step: {walk.step * 1000:.0f} ms; "
+            f"free by {walk.freed * 1000:.0f} ms)"
+        )
+    # The row goes when the step in flight ends: 1.5 steps after the client left it is gone (the slack is for
+    # a loaded machine, whose step in flight may run longer than the ones measured before it).
+    assert sum(walk.free_at_look for walk in walks) >= len(walks) - 1, walks
 
 
 @pytest.fixture(scope="module")

@@ -126,9 +126,41 @@ def overload(gateway: Gateway, token: str, clients: int, seconds: float, seed: i
     return report
 
 
-def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, float]:
-    """One long stream left after three chunks: (seconds until its slot is free, seconds per decode step
-    measured on that stream)."""
+@dataclass(frozen=True)
+class WalkAway:
+    """One client that left a long stream after a few chunks."""
+
+    step: float  # seconds per decode step, measured on that stream
+    looked: float  # seconds after leaving that the one look at the engine was taken
+    free_at_look: bool  # whether that look saw no running or queued sequence
+    freed: float  # seconds after leaving a look first saw it free (`looked`, or later polls)
+
+    @property
+    def steps(self) -> float:
+        return self.looked / self.step
+
+
+def _engine_counts(scrape: httpx.Client) -> tuple[float, float]:
+    """(running, queued) from one /metrics scrape."""
+    found: dict[str, float] = {}
+    for line in scrape.get("/metrics").text.splitlines():
+        for name in ("gateway_engine_running_sequences", "gateway_engine_queued_sequences"):
+            if line.startswith(name) and line[len(name)] in " {":
+                found.setdefault(name, float(line.rsplit(" ", 1)[1]))
+    return found["gateway_engine_running_sequences"], found["gateway_engine_queued_sequences"]
+
+
+def release_after_walking_away(
+    gateway: Gateway, token: str, *, trials: int = 3, look_after_steps: float = 1.5
+) -> list[WalkAway]:
+    """Long streams each left after five chunks, one at a time; `look_after_steps` decode steps after leaving,
+    one look (a /metrics scrape over a connection opened beforehand) says whether the slot is free.
+
+    Nothing touches the server between leaving and the look, on purpose: a scrape costs the server ~10 ms of
+    GIL, which stretches the decode step in flight, so watching by polling delays the very release it
+    measures (polling back to back made a ~60 ms step last 124-266 ms: 2-4.6 "steps").  The server drops the
+    row when the step in flight ends (its abort arrives within a few ms of the client leaving), so one step
+    plus slack for a loaded machine is when the look must find it free."""
     body = {
         "model": MODEL,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
@@ -136,14 +168,29 @@ def release_after_walking_away(gateway: Gateway, token: str) -> tuple[float, flo
         "ignore_eos": True,
         "stream": True,
     }
-    arrivals: list[float] = []
-    with gateway.client(token) as http, http.stream("POST", "/v1/chat/completions", json=body) as response:
-        assert response.status_code == 200, response.read().decode(errors="replace")
-        for line in response.iter_lines():
-            if line.startswith("data: ") and line != "data: [DONE]":
-                arrivals.append(time.monotonic())
-                if len(arrivals) >= 4:
-                    break
-        assert gateway.metric("gateway_engine_running_sequences") == 1
-    step = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)  # the first chunk carries only the role
-    return wait_idle(gateway), step
+    results = []
+    with gateway.client() as scrape, gateway.client(token) as http:
+        _engine_counts(scrape)  # the scrape connection is open before the clock starts
+        for _ in range(trials):
+            arrivals: list[float] = []
+            with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200, response.read().decode(errors="replace")
+                for line in response.iter_lines():
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        arrivals.append(time.monotonic())
+                        if len(arrivals) >= 5:
+                            break
+            left = time.monotonic()  # the response closed: httpx drops the connection mid-stream
+            step = (arrivals[-1] - arrivals[1]) / (len(arrivals) - 2)  # the first chunk carries only the role
+            time.sleep(max(0.0, left + look_after_steps * step - time.monotonic()))
+            looked = time.monotonic() - left
+            free = _engine_counts(scrape) == (0, 0)
+            freed = looked
+            while not free:
+                time.sleep(0.02)
+                free = _engine_counts(scrape) == (0, 0)
+                freed = time.monotonic() - left
+                assert freed < 30, "the engine still runs the stream 30 s after its client left"
+            results.append(WalkAway(step=step, looked=looked, free_at_look=freed == looked, freed=freed))
+            time.sleep(0.2)
+    return results

@@ -4,6 +4,8 @@ per minute (429 with Retry-After), and running jobs where the worker claims them
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +20,7 @@ from gateway.auth.quotas import Quotas, TokenBudget
 from gateway.auth.tokens import mint_dev_token
 from gateway.core.errors import QuotaExceeded, RateLimited
 from gateway.core.settings import LimitSettings, QuotaSettings, Settings
-from gateway.store import JobRecord, Store, new_id
+from gateway.store import JobRecord, ModelRecord, Store, new_id
 from tests.spec import validate
 from tests.unit.fake_engine import FakeEngine
 from tests.unit.training_files import chat_jsonl
@@ -165,6 +167,49 @@ def test_stored_bytes_quota_is_403_and_keeps_nothing(make_api: Any) -> None:
     assert f"{len(ROWS) * 2} in use" in error["message"]
     assert api.store.files.usage("acme") == (2, len(ROWS) * 2)
     assert len(list((Path(api.settings.data_dir) / "files").iterdir())) == 2
+
+
+def _adapters_on_disk(api: Any, tenant: str, weights: int) -> ModelRecord:
+    """A job's checkpoint export of `weights` bytes and its final adapter hard-linked to it, as the worker
+    leaves them, with their model rows."""
+    data, job = Path(api.settings.data_dir), api.store.jobs.add(_job(tenant, "succeeded")).id
+    checkpoint, final = data / "adapters" / job / "ckpt-step-1", data / "adapters" / job / "final"
+    checkpoint.mkdir(parents=True)
+    final.mkdir()
+    (checkpoint / "adapter_model.safetensors").write_bytes(b"w" * weights)
+    (checkpoint / "adapter_config.json").write_bytes(b"{}")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        os.link(checkpoint / name, final / name)  # no second copy: counted once
+    now = int(time.time())
+    name = f"ft:{BASE}:{tenant}::{job[-8:]}"
+    step = ModelRecord(
+        f"{name}:ckpt-step-1", tenant, BASE, job, str(checkpoint.relative_to(data)), now, step=1
+    )
+    api.store.models.add(step)
+    api.store.models.add(ModelRecord(name, tenant, BASE, job, str(final.relative_to(data)), now))
+    return api.store.models.get(name)  # type: ignore[return-value]
+
+
+def test_stored_bytes_count_the_tenants_adapters_and_checkpoint_exports(make_api: Any) -> None:
+    api = make_api(stored_bytes=len(ROWS) + 1000)
+    training = api.upload().json()["id"]
+    first = _adapters_on_disk(api, "acme", weights=900)
+    _adapters_on_disk(api, "globex", weights=5000)  # another tenant's adapters are not acme's
+    in_use = len(ROWS) + 902
+    assert api.store.usage("acme", Path(api.settings.data_dir)) == (1, in_use)
+    error = _error(api.upload(), 403, "quota_exceeded")  # fits as files alone, not with the adapters
+    assert f"{in_use} in use" in error["message"] and "fine-tuned models" in error["message"]
+    assert api.store.files.usage("acme") == (1, len(ROWS))  # nothing kept
+    body = {"model": BASE, "training_file": training}
+    assert api.client.post("/v1/fine_tuning/jobs", json=body, headers=api.headers()).status_code == 200
+    _adapters_on_disk(api, "acme", weights=200)  # now at the quota: a new job would add more
+    refused = api.client.post("/v1/fine_tuning/jobs", json=body, headers=api.headers())
+    assert "quotas.stored_bytes" in _error(refused, 403, "quota_exceeded")["message"]
+    # deleting a fine-tuned model (its checkpoints go with it) frees its bytes
+    for record in api.store.models.delete(first.id):
+        shutil.rmtree(Path(api.settings.data_dir) / record.path)
+    assert api.store.usage("acme", Path(api.settings.data_dir))[1] == len(ROWS) + 202
+    assert api.client.post("/v1/fine_tuning/jobs", json=body, headers=api.headers()).status_code == 200
 
 
 def test_waiting_jobs_quota_is_429_with_retry_after(make_api: Any) -> None:

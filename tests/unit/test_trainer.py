@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
@@ -26,6 +27,7 @@ from finetune.chat_template import IGNORE_INDEX, Example, tokenize
 from finetune.lora_model import CpuDropout
 from finetune.packed import PACKED_ATTENTION, loss_sum
 from finetune.trainer import TrainConfig, TrainingCancelled, train
+from gateway.security.encryption import EncryptionError, FileCipher, TamperedError
 from tests.unit.test_data import SECRET, make_chatml_tokenizer
 from tests.unit.tiny_models import tiny_llama_config
 
@@ -583,3 +585,74 @@ def test_output_dir_is_private(base_model: Path, chat_file: Path, tmp_path: Path
     os.chmod(out, 0o755)
     train(make_config(base_model, chat_file, out, n_epochs=1))
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
+
+
+# --- sealed at rest (privacy.encrypt_at_rest: the worker passes the data dir's cipher) ----------------------
+
+
+def sealed_weights(cipher: FileCipher, directory: Path) -> dict[str, torch.Tensor]:
+    return load_tensors(checkpoints.read_sealed(cipher, directory / "adapter_model.safetensors"))
+
+
+def test_adapter_files_are_what_peft_save_pretrained_writes(
+    base_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    config = make_config(base_model, chat_file, tmp_path / "out")
+    run = trainer.setup(config)
+    try:
+        made = checkpoints.adapter_files(run.model)  # before save_pretrained, which edits the config
+        run.model.save_pretrained(
+            str(tmp_path / "peft"), safe_serialization=True, save_embedding_layers=False
+        )
+    finally:
+        trainer.cleanup(config.output_dir, run)
+    for name, data in made.items():
+        assert data == (tmp_path / "peft" / name).read_bytes(), name
+
+
+def test_sealed_checkpoints_resume_the_exact_curve_and_hold_no_plaintext(
+    base_model: Path, chat_file: Path, tmp_path: Path
+) -> None:
+    cipher = FileCipher(os.urandom(32))
+    straight = Recorder()
+    whole = train(make_config(base_model, chat_file, tmp_path / "straight"), straight, straight.should_stop)
+
+    interrupted = Recorder(stop_after_micro_steps=5)  # cancelled during step 6, checkpoints at 2 and 4
+    config = make_config(base_model, chat_file, tmp_path / "sealed", save_steps=2)
+    with pytest.raises(TrainingCancelled):
+        train(config, interrupted, interrupted.should_stop, sealer=cipher)
+    written = [p for p in config.output_dir.rglob("*") if p.is_file()]
+    assert len(written) == 2 * 4  # two checkpoints of four files; metrics.csv waits for the end
+    for path in written:
+        data = path.read_bytes()
+        assert data.startswith(b"PGWENC"), path  # sealed: no safetensors header, tensor name or loss
+        assert b"__metadata__" not in data and b"lora_A" not in data and b"fingerprint" not in data
+    with pytest.raises(EncryptionError):  # without the key a sealed checkpoint is not read (nor skipped)
+        train(config)
+
+    resumed = Recorder()
+    result = train(config, resumed, resumed.should_stop, sealer=cipher)  # resumes from sealed step-4
+    assert resumed.of("started")[0]["resumed_from_step"] == 4
+    assert interrupted.losses() == straight.losses()[:5]
+    assert resumed.losses() == straight.losses()[4:]
+    assert result.final_loss == whole.final_loss
+    for key, value in adapter_weights(whole.adapter_dir).items():
+        assert torch.equal(value, sealed_weights(cipher, result.adapter_dir)[key])
+    csv = checkpoints.read_sealed(cipher, result.metrics_csv).decode()
+    assert [line.split(",")[0] for line in csv.splitlines()[1:]] == [
+        str(s) for s in range(1, whole.steps + 1)
+    ]  # the rows before the interruption came back from the sealed checkpoint
+    assert all(p.read_bytes().startswith(b"PGWENC") for p in config.output_dir.rglob("*") if p.is_file())
+    assert_only_results_left(config.output_dir)
+
+
+def test_a_tampered_sealed_checkpoint_is_refused(base_model: Path, chat_file: Path, tmp_path: Path) -> None:
+    cipher = FileCipher(os.urandom(32))
+    config = make_config(base_model, chat_file, tmp_path / "out", save_steps=4, n_epochs=1)
+    train(config, sealer=cipher)
+    state = config.output_dir / "checkpoints" / "step-4" / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[-40] ^= 1
+    state.write_bytes(bytes(data))
+    with pytest.raises(TamperedError):
+        train(dataclasses.replace(config, resume_from=state.parent), sealer=cipher)

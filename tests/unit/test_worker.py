@@ -67,14 +67,19 @@ class ScriptedTrainer:
         self.configs: list[FakeTrainConfig] = []
         self.started_at: list[int] = []
         self.data: list[bytes] = []
+        self.sealers: list[Any] = []
 
     def train(
         self,
         config: FakeTrainConfig,
         on_event: Callable[[str, str, dict[str, Any]], None],
         should_stop: Callable[[], bool],
+        *,
+        sealer: Any = None,
     ) -> Any:
+        """`sealer`: as the real trainer, every adapter file goes through it (the csv once, at the end)."""
         self.configs.append(config)
+        self.sealers.append(sealer)
         self.data.append(config.kwargs["training_file"].read_bytes())
         done = sorted(int(p.name.split("-")[-1]) for p in (config.output_dir / "checkpoints").glob("step-*"))
         resumed = done[-1] if done else 0
@@ -112,18 +117,23 @@ class ScriptedTrainer:
             with csv.open("a") as fh:
                 fh.write(f"{step},{loss},,0.001,50.0\n")
             if step == self.steps or (config.save_steps and step % config.save_steps == 0):
-                path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}")
+                path = _write_adapter(config.output_dir / "checkpoints" / f"step-{step}", sealer)
                 on_event("checkpoint", f"Checkpoint saved at step {step}", {"step": step, "path": str(path)})
-        final = _write_adapter(config.output_dir / "adapter")
+        final = _write_adapter(config.output_dir / "adapter", sealer)
+        if sealer is not None:
+            sealer.encrypt_stream([csv.read_bytes()], csv)
         return SimpleNamespace(
             adapter_dir=final, trained_tokens=10 * self.steps, metrics_csv=csv, steps=self.steps
         )
 
 
-def _write_adapter(path: Path) -> Path:
+def _write_adapter(path: Path, sealer: Any = None) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     for name, content in ADAPTER.items():
-        (path / name).write_bytes(content)
+        if sealer is None:
+            (path / name).write_bytes(content)
+        else:
+            sealer.encrypt_stream([content], path / name)
     return path
 
 
@@ -241,7 +251,13 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
     assert len(metrics) == 5 and metrics[0].data is not None and metrics[0].data["tokens_per_second"] == 50.0
     models = {m.id: m for m in setup.store.models.since(0)}
-    assert set(models) == {name, *(f"{name}:ckpt-step-{n}" for n in (2, 4, 5))}
+    # finetune.keep_checkpoints = 2: the export at step 2 went, rows and files, once step 5's was there
+    assert set(models) == {name, *(f"{name}:ckpt-step-{n}" for n in (4, 5))}
+    assert sorted(p.name for p in (setup.data / "adapters" / job.id).iterdir()) == [
+        "ckpt-step-4",
+        "ckpt-step-5",
+        "final",
+    ]
     for model in models.values():
         files = {p.name: p.read_bytes() for p in (setup.data / model.path).iterdir()}
         assert files == ADAPTER
@@ -250,7 +266,7 @@ def test_a_job_runs_to_success(setup: Setup) -> None:
     for filename in ADAPTER:
         assert (final_dir / filename).stat().st_ino == (last_dir / filename).stat().st_ino
     checkpoints = setup.store.checkpoints.list_page(job.id).items
-    assert [c.step for c in checkpoints] == [5, 4, 2]
+    assert [c.step for c in checkpoints] == [5, 4]  # the list agrees with the files
     assert checkpoints[1].metrics == {"step": 4, "train_loss": 0.5}  # the step's loss, logged just before
     results = setup.store.files.get(done.result_files[0], "acme")
     assert results is not None and results.purpose == "fine-tune-results"
@@ -367,13 +383,14 @@ def test_shutdown_hands_the_job_back_and_a_new_worker_resumes_it(setup: Setup) -
     back = setup.store.jobs.get(job.id)
     assert back is not None and back.status == "queued" and back.attempts == 0
     assert (setup.data / "work" / job.id / "trainer" / "checkpoints" / "step-4").is_dir()  # kept to resume
+    assert not (setup.data / "work" / job.id / "data").exists()  # but not the plaintext training data
     assert "will resume" in setup.events(job.id)[-1]
     resumed = ScriptedTrainer(steps=6)
     setup.worker(resumed, worker_id="w2").run_once()
     assert resumed.started_at == [5]  # after the latest complete checkpoint
     done = setup.store.jobs.get(job.id)
     assert done is not None and done.status == "succeeded"
-    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [6, 4, 2]
+    assert [c.step for c in setup.store.checkpoints.list_page(job.id).items] == [6, 4]  # keep_checkpoints
 
 
 def test_a_dead_workers_job_is_taken_over_after_its_lease(setup: Setup) -> None:
@@ -459,6 +476,57 @@ def test_adapters_and_training_data_are_encrypted_at_rest(
     assert (plain / "adapter_model.safetensors").read_bytes() == b"weights"
     result = setup.store.files.get(setup.store.jobs.get(job.id).result_files[0], None)  # type: ignore[union-attr]
     assert result is not None and (setup.data / result.path).read_bytes().startswith(b"PGWENC")
+
+
+def test_a_handed_back_job_leaves_only_sealed_checkpoints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_MASTER_KEY", base64.b64encode(os.urandom(32)).decode())
+    setup = _setup(tmp_path, privacy=PrivacySettings(encrypt_at_rest=True))
+    job = setup.job(save_steps=2)
+
+    def stop_at_step_4(step: int) -> None:
+        if step == 4:
+            worker.shutdown.set()  # as SIGTERM does
+
+    trainer = ScriptedTrainer(steps=6, on_step=stop_at_step_4)
+    worker = setup.worker(trainer, worker_id="w1")
+    worker.run_once()
+    assert trainer.sealers == [worker.cipher]  # the trainer seals with the data dir's cipher
+    work = setup.data / "work" / job.id
+    assert not (work / "data").exists()  # the decrypted training data is gone
+    kept = [p for p in work.rglob("*") if p.is_file() and p.name != "metrics.csv"]  # the fake's csv is plain
+    assert kept and all(p.read_bytes().startswith(b"PGWENC") for p in kept)
+    # the exports are the trainer's sealed files, hard-linked: no plaintext and no second copy
+    export = setup.data / "adapters" / job.id / "ckpt-step-4" / "adapter_model.safetensors"
+    sealed = work / "trainer" / "checkpoints" / "step-4" / "adapter_model.safetensors"
+    assert export.stat().st_ino == sealed.stat().st_ino and b"weights" not in export.read_bytes()
+    setup.worker(ScriptedTrainer(steps=6), worker_id="w2").run_once()
+    assert _job(setup, job.id).status == "succeeded" and not work.exists()
+    setup.store.close()
+
+
+def test_the_start_sweep_removes_plaintext_and_orphaned_exports(setup: Setup) -> None:
+    queued = setup.job()
+    data = setup.data / "work" / queued.id / "data"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("left by a kill -9")
+    os.utime(
+        data, (time.time() - 120, time.time() - 120)
+    )  # a fresh one may be another worker's, just claimed
+    orphan = setup.data / "adapters" / queued.id / "ckpt-step-9"  # its row went, its files did not
+    staging = setup.data / "adapters" / queued.id / ".ckpt-step-10-x"
+    fresh = setup.data / "adapters" / queued.id / "ckpt-step-11"  # maybe between rename and row: kept
+    for path in (orphan, staging, fresh):
+        _write_adapter(path)
+    old = time.time() - 7200
+    for path in (orphan, staging):
+        os.utime(path, (old, old))
+    worker = setup.worker(ScriptedTrainer())
+    worker._sweep_work_dirs()
+    worker._sweep_adapters()
+    assert not data.exists() and (setup.data / "work" / queued.id).is_dir()
+    assert not orphan.exists() and not staging.exists() and fresh.is_dir()
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -581,7 +649,13 @@ def test_with_the_real_trainer_the_adapter_is_servable(tmp_path: Path) -> None:
     assert adapter.num_modules == 2 * 7  # every linear projection of both layers ("all-linear")
     metrics = [e for e in setup.store.events.list_page(job.id, limit=100).items if e.type == "metrics"]
     assert [e.data["step"] for e in reversed(metrics) if e.data] == [1, 2, 3, 4]
-    assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {1, 2, 3, 4}
+    # every step saved one; finetune.keep_checkpoints (2) exports stay, and the list agrees with the disk
+    assert {c.step for c in setup.store.checkpoints.list_page(job.id).items} == {3, 4}
+    assert sorted(p.name for p in (setup.data / final.path).parent.iterdir()) == [
+        "ckpt-step-3",
+        "ckpt-step-4",
+        "final",
+    ]
     results = setup.store.files.get(done.result_files[0], None)
     assert results is not None and b"".join(setup.blobs.chunks(results.path)).startswith(b"step,train_loss")
     setup.store.close()

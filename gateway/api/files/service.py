@@ -101,7 +101,7 @@ class FileService:
         """403 quota_exceeded when one more file of `incoming_bytes` passes the tenant's quotas."""
         if self.quotas is None:
             return
-        used_files, used_bytes = self.store.files.usage(principal.tenant)
+        used_files, used_bytes = self.store.usage(principal.tenant, self.blobs.data_dir)
         self.quotas.check_storage(
             principal.tenant, used_files=used_files, used_bytes=used_bytes, incoming_bytes=incoming_bytes
         )

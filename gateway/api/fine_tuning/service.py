@@ -170,6 +170,8 @@ class JobService:
         with self._quota_lock:
             if self.quotas is not None:
                 self.quotas.check_waiting_jobs(principal.tenant, self.store.jobs.waiting(principal.tenant))
+                _, used_bytes = self.store.usage(principal.tenant, self.blobs.data_dir)
+                self.quotas.check_job_storage(principal.tenant, used_bytes)
             with self.store.db.transaction():
                 self.store.jobs.add(job)
                 self.store.events.add(job.id, f"Created fine-tuning job: {job.id}")
