@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import sys
 import tempfile
 import time
@@ -26,7 +25,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.results import write_section
+from bench.results import cpu_name, write_section
 from contracts.base_models import embedded_gguf, prepare
 from contracts.embedding_models import (
     EMBEDDED_EMBEDDING_MODEL,
@@ -56,16 +55,6 @@ def texts(count: int) -> list[str]:
         f"{SUBJECTS[i % n]} {VERBS[(i // n) % n]} {OBJECTS[(i // (n * n) + i) % n]} (case {i})."
         for i in range(count)
     ]
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def baseline(model_dir: Path, corpus: list[str], batch: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import platform
 import statistics
 import sys
 import tempfile
@@ -28,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import msgspec
 from pydantic import BaseModel, Field
 
-from bench.results import write_section
+from bench.results import cpu_name, write_section
 from contracts.base_models import embedded_gguf, prepare
 from gateway.api.chat import protocol as p
 from gateway.api.chat.structured import plan_for
@@ -168,16 +167,6 @@ def compile_times(engine: LocalEngine, repeat: int) -> dict[str, tuple[float, fl
     return out
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--clients", type=int, default=8)
@@ -197,7 +186,7 @@ def main() -> int:
             engine.shutdown()
     ratio = tput["constrained"] / tput["free"]
     lines = [
-        f"Model {MODEL} on the in-process engine, CPU {cpu_model()}; {args.clients} concurrent requests x "
+        f"Model {MODEL} on the in-process engine, CPU {cpu_name()}; {args.clients} concurrent requests x "
         f"{args.rounds} rounds, greedy, a strict json_schema (nested object, optional, list) of "
         f"{tput['tokens']:.0f} tokens on average; {tput['valid']:.0%} of the outputs validate. Baseline: the "
         "same prompts unconstrained, each decoding as many tokens as its constrained twin, same run.",

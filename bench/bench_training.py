@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
+from bench.results import cpu_name, write_section
 from contracts.base_models import embedded_gguf, load_model, load_tokenizer, prepare
 from contracts.lora import LORA_TARGET_MODULES
 from contracts.training_data import load_conversations
@@ -79,15 +80,6 @@ def risk_rows(count: int, seed: int) -> list[dict[str, str]]:
         output = level if rng.random() < 0.5 else f"{level}。理由:{rng.choice(debts)},{rng.choice(records)}。"
         rows.append({"instruction": "分析客户风险等级", "input": ",".join(facts), "output": output})
     return rows
-
-
-def cpu_model() -> str:
-    """lscpu's "Model name" (from /proc/cpuinfo), named in every table."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return "unknown"
 
 
 @dataclass(frozen=True)
@@ -271,7 +263,7 @@ def main() -> None:
     hf, ours = Summary(measured["hf"]), Summary(measured["ours"])
     ours_dtype = str(compute_dtype(torch.device("cpu"))).removeprefix("torch.")
     lines = [
-        f"SmolLM2-135M-Instruct, CPU {cpu_model()} ({torch.get_num_threads()} threads), HF fp32, ours "
+        f"SmolLM2-135M-Instruct, CPU {cpu_name()} ({torch.get_num_threads()} threads), HF fp32, ours "
         f"{ours_dtype} (native bf16: {cpu_has_native_bf16()}), LoRA r=8 on all linear "
         f"projections, {args.rows} Alpaca rows, batch {args.batch_size}, {args.rounds} rounds of "
         f"{args.steps} counted steps each ({time.perf_counter() - started:.0f} s in all)",
@@ -297,8 +289,6 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     if args.write:
-        from bench.results import write_section
-
         write_section("training", table)
 
 

@@ -23,8 +23,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import client_limits, cpu_name, streams
-from bench.results import write_section
+from bench.load import client_limits, streams
+from bench.results import cpu_name, write_section
 from contracts.base_models import embedded_gguf, prepare
 from tests.e2e.harness import REPO, Gateway, free_port, make_certs
 

@@ -39,8 +39,8 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.load import Burst, client_limits, cpu_name, streams
-from bench.results import RESULTS, write_section
+from bench.load import Burst, client_limits, streams
+from bench.results import RESULTS, cpu_name, write_section
 from contracts.base_models import embedded_gguf, prepare
 from contracts.lora import LORA_TARGET_MODULES
 from contracts.names import fine_tuned_name

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import platform
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
-__all__ = ["PROMPTS", "Burst", "client_limits", "cpu_name", "percentile", "streams"]
+__all__ = ["PROMPTS", "Burst", "client_limits", "percentile", "streams"]
 
 PROMPTS = [
     "Explain how a bank assesses the credit risk of a small business.",
@@ -48,17 +46,6 @@ class Burst:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
-def cpu_name() -> str:
-    """lscpu's "Model name" (from /proc/cpuinfo), for the tables."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 async def _one(http: httpx.AsyncClient, path: str, body: dict[str, object]) -> tuple[int, float]:

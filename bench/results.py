@@ -11,6 +11,17 @@ import torch
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
+def cpu_name() -> str:
+    """lscpu's "Model name" (from /proc/cpuinfo): every table names the CPU it was measured on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def machine() -> str:
     return f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {platform.python_version()}"
 
